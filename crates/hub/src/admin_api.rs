@@ -1,0 +1,326 @@
+//! The back-office API: import and edit module records, read a store's activity and status.
+//!
+//! Served on its own listener (loopback by default) so it can stay off the network boxes
+//! reach; every call needs `Authorization: Bearer <admin token>`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::Request;
+use serde_json::json;
+use storebox_protocol as proto;
+
+use storebox_http::{self as h, Body};
+use crate::store::{rfc3339, HubStore};
+
+/// Largest import body.
+pub const MAX_IMPORT_BODY: usize = 64 * 1024 * 1024;
+/// Largest single record.
+pub const MAX_RECORD_BODY: usize = 1024 * 1024;
+/// Most activity events in one answer.
+pub const MAX_ACTIVITY_PAGE: usize = 10_000;
+
+/// What the admin listener needs.
+pub struct AdminState {
+    pub config: crate::config::HubConfig,
+    pub store: Arc<HubStore>,
+    pub token: String,
+}
+
+/// Answers one admin request.
+pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
+    let authorised = h::bearer(&req)
+        .is_some_and(|t| crate::secrets_equal(t.as_bytes(), state.token.as_bytes()));
+    if !authorised {
+        return h::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin token",
+        );
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(h::percent_decode)
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let route = match segs.as_slice() {
+        ["admin", "v1", "stores"] => Route::Stores,
+        ["admin", "v1", "stores", store, rest @ ..] => {
+            if !state.config.has_store(store) {
+                return h::error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_store",
+                    format!("no store {store:?} in the hub config"),
+                );
+            }
+            match rest {
+                ["status"] => Route::Status(store.to_string()),
+                ["activity"] => Route::Activity(store.to_string()),
+                ["modules", module, tail @ ..] => {
+                    if state.config.module(module).is_none() {
+                        return h::error(
+                            StatusCode::NOT_FOUND,
+                            "unknown_module",
+                            format!("no module {module:?} in the hub config"),
+                        );
+                    }
+                    match tail {
+                        ["import"] => Route::Import(store.to_string(), module.to_string()),
+                        ["records", id] => {
+                            Route::Record(store.to_string(), module.to_string(), id.to_string())
+                        }
+                        _ => Route::NotFound,
+                    }
+                }
+                _ => Route::NotFound,
+            }
+        }
+        _ => Route::NotFound,
+    };
+    match (method, route) {
+        (Method::GET, Route::Stores) => {
+            let stores: Vec<&str> = state.config.stores.iter().map(|s| s.id.as_str()).collect();
+            h::json(StatusCode::OK, &json!({ "stores": stores }))
+        }
+        (Method::GET, Route::Status(store)) => blocking(state, move |s| status(s, &store)).await,
+        (Method::GET, Route::Activity(store)) => {
+            let after = match parse_param(query.as_deref(), "after", 0) {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let limit = match parse_param(query.as_deref(), "limit", 1000) {
+                Ok(v) => (v as usize).clamp(1, MAX_ACTIVITY_PAGE),
+                Err(r) => return r,
+            };
+            blocking(state, move |s| activity(s, &store, after, limit)).await
+        }
+        (Method::POST, Route::Import(store, module)) => {
+            let replace = h::query_param(query.as_deref(), "replace").as_deref() == Some("true");
+            let body = match h::read_body(req.into_body(), MAX_IMPORT_BODY).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            blocking(state, move |s| import(s, &store, &module, &body, replace)).await
+        }
+        (Method::PUT, Route::Record(store, module, id)) => {
+            let body = match h::read_body(req.into_body(), MAX_RECORD_BODY).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            blocking(state, move |s| put_record(s, &store, &module, &id, &body)).await
+        }
+        (Method::GET, Route::Record(store, module, id)) => {
+            blocking(state, move |s| match s.store.get_record(&store, &module, &id) {
+                Ok(Some(json)) => Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(json))
+                    .unwrap_or_else(|_| internal("building a response")),
+                Ok(None) => not_found_record(&module, &id),
+                Err(e) => internal(e),
+            })
+            .await
+        }
+        (Method::DELETE, Route::Record(store, module, id)) => {
+            blocking(state, move |s| {
+                match s.store.delete_record(&store, &module, &id, crate::now_ms()) {
+                    Ok(true) => h::json(StatusCode::OK, &json!({"deleted": true})),
+                    Ok(false) => not_found_record(&module, &id),
+                    Err(e) => internal(e),
+                }
+            })
+            .await
+        }
+        (_, Route::NotFound) => h::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin call at {path}"),
+        ),
+        (method, _) => h::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        ),
+    }
+}
+
+enum Route {
+    Stores,
+    Status(String),
+    Activity(String),
+    Import(String, String),
+    Record(String, String, String),
+    NotFound,
+}
+
+async fn blocking(
+    state: Arc<AdminState>,
+    work: impl FnOnce(&AdminState) -> Response<Body> + Send + 'static,
+) -> Response<Body> {
+    tokio::task::spawn_blocking(move || work(&state))
+        .await
+        .unwrap_or_else(internal)
+}
+
+fn internal(e: impl std::fmt::Display) -> Response<Body> {
+    tracing::error!("admin call failed: {e}");
+    h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e)
+}
+
+fn not_found_record(module: &str, id: &str) -> Response<Body> {
+    h::error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no record {id:?} in module {module:?}"),
+    )
+}
+
+fn parse_param(query: Option<&str>, name: &str, default: u64) -> Result<u64, Response<Body>> {
+    match h::query_param(query, name) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| {
+            h::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("{name} must be a non-negative integer, not {v:?}"),
+            )
+        }),
+    }
+}
+
+/// Parses NDJSON: every non-blank line must be a record. The first bad line fails the whole
+/// import, so a half-applied file can never leave a module in a state nobody asked for.
+pub fn parse_ndjson(body: &[u8]) -> Result<Vec<proto::CanonicalRecord>, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("the body is not UTF-8: {e}"))?;
+    let mut records = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record =
+            proto::canonical_record_from_text(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+fn import(
+    state: &AdminState,
+    store: &str,
+    module: &str,
+    body: &[u8],
+    replace: bool,
+) -> Response<Body> {
+    let records = match parse_ndjson(body) {
+        Ok(r) => r,
+        Err(e) => return h::error(StatusCode::BAD_REQUEST, "bad_record", e),
+    };
+    match state
+        .store
+        .import(store, module, &records, replace, crate::now_ms())
+    {
+        Ok(outcome) => h::json(StatusCode::OK, &outcome),
+        Err(e) => internal(e),
+    }
+}
+
+fn put_record(
+    state: &AdminState,
+    store: &str,
+    module: &str,
+    id: &str,
+    body: &[u8],
+) -> Response<Body> {
+    let mut value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return h::error(
+                StatusCode::BAD_REQUEST,
+                "bad_record",
+                format!("not valid JSON: {e}"),
+            )
+        }
+    };
+    if let Some(object) = value.as_object_mut() {
+        match object.get("id") {
+            None => {
+                object.insert("id".into(), id.into());
+            }
+            Some(given) if given.as_str() != Some(id) => {
+                return h::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_record",
+                    format!("the body's id {given} differs from the path's {id:?}"),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    let record = match proto::canonical_record(&value) {
+        Ok(r) => r,
+        Err(e) => return h::error(StatusCode::BAD_REQUEST, "bad_record", e),
+    };
+    match state.store.put_record(store, module, &record) {
+        Ok((outcome, seq)) => {
+            let status = if outcome == crate::store::PutOutcome::Created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            h::json(status, &json!({"outcome": outcome, "seq": seq}))
+        }
+        Err(e) => internal(e),
+    }
+}
+
+fn activity(state: &AdminState, store: &str, after: u64, limit: usize) -> Response<Body> {
+    match state.store.activity(store, after, limit) {
+        Ok((events, _)) => {
+            let next = events.last().map_or(after, |e| e.seq);
+            h::json(StatusCode::OK, &json!({"events": events, "next": next}))
+        }
+        Err(e) => internal(e),
+    }
+}
+
+fn status(state: &AdminState, store: &str) -> Response<Body> {
+    let report = match state.store.box_report(store) {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    let mut modules = BTreeMap::new();
+    for module in &state.config.modules {
+        let head = match state.store.module_head(store, &module.name) {
+            Ok(h) => h,
+            Err(e) => return internal(e),
+        };
+        modules.insert(
+            module.name.clone(),
+            json!({
+                "head": head,
+                "acknowledged": report.cursors.get(&module.name),
+            }),
+        );
+    }
+    let high_water = match state.store.activity_high_water(store) {
+        Ok(h) => h,
+        Err(e) => return internal(e),
+    };
+    h::json(
+        StatusCode::OK,
+        &json!({
+            "store": store,
+            "last_contact": report.last_contact_ms.map(rfc3339),
+            "last_full_sync": report.last_full_sync_ms.map(rfc3339),
+            "box_version": report.box_version,
+            "pending_activity": report.pending_activity,
+            "modules": modules,
+            "activity": {"high_water": high_water},
+        }),
+    )
+}

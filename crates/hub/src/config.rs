@@ -1,0 +1,178 @@
+//! `hub.toml`: where the hub listens, where it keeps data, which stores and modules exist.
+//!
+//! Relative paths are resolved against the directory of the config file, so a setup made by
+//! `storehub init` can be moved as a whole. Unknown keys are refused with their name, so a typo
+//! never silently falls back to a default.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// The hub's whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Directory of the hub database.
+    pub data_dir: PathBuf,
+    pub sync: SyncListener,
+    pub admin: AdminListener,
+    /// The modules every store has, with the fields boxes index.
+    #[serde(default = "default_modules")]
+    pub modules: Vec<ModuleConfig>,
+    /// How long deleted records are remembered for delta pulls, e.g. "30d". A box whose cursor
+    /// is older than the oldest remembered deletion repairs that module by full sync.
+    #[serde(default = "default_tombstone_retention")]
+    pub tombstone_retention: String,
+    /// zstd level of answers to boxes.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    #[serde(default)]
+    pub stores: Vec<StoreConfig>,
+}
+
+/// The HTTPS listener for boxes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncListener {
+    pub listen: SocketAddr,
+    /// PEM certificate chain presented to boxes.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+}
+
+/// The back-office listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminListener {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token every admin call must present.
+    pub token_file: PathBuf,
+}
+
+/// One data module.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub indexes: Vec<String>,
+}
+
+/// One store and the credential its box presents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub id: String,
+    /// SHA-256 (hex) of the store's credential; the credential itself lives only on the box.
+    pub credential_sha256: String,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7080))
+}
+
+fn default_tombstone_retention() -> String {
+    "30d".to_owned()
+}
+
+fn default_zstd_level() -> i32 {
+    3
+}
+
+/// The seed's four modules: configuration, catalog, customers and loyalty, promotions.
+pub fn default_modules() -> Vec<ModuleConfig> {
+    vec![
+        ModuleConfig {
+            name: "config".into(),
+            indexes: vec![],
+        },
+        ModuleConfig {
+            name: "catalog".into(),
+            indexes: vec!["ean13".into()],
+        },
+        ModuleConfig {
+            name: "customers".into(),
+            indexes: vec!["loyalty_card".into()],
+        },
+        ModuleConfig {
+            name: "promotions".into(),
+            indexes: vec![],
+        },
+    ]
+}
+
+impl HubConfig {
+    /// Reads and checks `path`, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> anyhow::Result<HubConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the hub config {}", path.display()))?;
+        let mut config: HubConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing the hub config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.data_dir,
+            &mut config.sync.cert,
+            &mut config.sync.key,
+            &mut config.admin.token_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config
+            .check()
+            .with_context(|| format!("checking the hub config {}", path.display()))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let mut names = BTreeSet::new();
+        for module in &self.modules {
+            if !storebox_protocol::is_valid_module_name(&module.name) {
+                bail!(
+                    "module name {:?} is invalid: use 1 to 64 of a-z, 0-9, _ and -",
+                    module.name
+                );
+            }
+            if !names.insert(&module.name) {
+                bail!("module {:?} is listed twice", module.name);
+            }
+        }
+        let mut stores = BTreeSet::new();
+        for store in &self.stores {
+            if !storebox_protocol::is_valid_module_name(&store.id) {
+                bail!(
+                    "store id {:?} is invalid: use 1 to 64 of a-z, 0-9, _ and -",
+                    store.id
+                );
+            }
+            if !stores.insert(&store.id) {
+                bail!("store {:?} is listed twice", store.id);
+            }
+        }
+        self.tombstone_retention()?;
+        Ok(())
+    }
+
+    /// The tombstone retention as a duration.
+    pub fn tombstone_retention(&self) -> anyhow::Result<Duration> {
+        storebox_protocol::parse_duration(&self.tombstone_retention)
+            .map_err(|e| anyhow::anyhow!("tombstone_retention: {e}"))
+    }
+
+    /// The module named `name`, if configured.
+    pub fn module(&self, name: &str) -> Option<&ModuleConfig> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// Whether `store` is configured.
+    pub fn has_store(&self, store: &str) -> bool {
+        self.stores.iter().any(|s| s.id == store)
+    }
+}

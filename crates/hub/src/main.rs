@@ -1,0 +1,176 @@
+//! The `storehub` command: `init` a setup, `serve` it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use storehub::admin_api::AdminState;
+use storehub::config::HubConfig;
+use storehub::store::HubStore;
+use storehub::sync_api::SyncState;
+
+#[derive(Parser)]
+#[command(name = "storehub", version, about = "The storebox platform sync service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a ready-to-run hub setup with a private CA and one box config per store.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A store id; repeat for several stores.
+        #[arg(long = "store", required = true)]
+        stores: Vec<String>,
+        #[arg(long, default_value_t = 7443)]
+        hub_port: u16,
+        #[arg(long, default_value_t = 7080)]
+        admin_port: u16,
+        /// LAN port of the first store's box (the next stores take the following ports).
+        #[arg(long, default_value_t = 8080)]
+        lan_port: u16,
+        /// Overwrite an existing setup.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve the sync API (HTTPS) and the admin API.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = std::env::var("STOREHUB_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("storehub: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init {
+            dir,
+            stores,
+            hub_port,
+            admin_port,
+            lan_port,
+            force,
+        } => {
+            let boxes = storehub::init::init(&storehub::init::InitOptions {
+                dir: dir.clone(),
+                stores,
+                hub_port,
+                admin_port,
+                lan_port,
+                force,
+            })?;
+            println!("hub config:  {}", dir.join("hub.toml").display());
+            println!("admin token: {}", dir.join("admin.token").display());
+            for b in boxes {
+                println!("box config:  {}", b.display());
+            }
+            Ok(())
+        }
+        Command::Serve { config } => serve(&config),
+    }
+}
+
+fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = HubConfig::load(path)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let store = Arc::new(HubStore::open(&config.data_dir)?);
+        let token = std::fs::read_to_string(&config.admin.token_file)
+            .with_context(|| format!("reading {}", config.admin.token_file.display()))?
+            .trim()
+            .to_owned();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the admin token in {} is shorter than 16 characters",
+            config.admin.token_file.display()
+        );
+        let tls = storehub::sync_api::tls_acceptor(&config.sync.cert, &config.sync.key)?;
+        let sync_listener = tokio::net::TcpListener::bind(config.sync.listen)
+            .await
+            .with_context(|| format!("listening for boxes on {}", config.sync.listen))?;
+        let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("listening for admin calls on {}", config.admin.listen))?;
+        tracing::info!(
+            "storehub {} serving boxes on https://{}, admin on http://{}",
+            env!("CARGO_PKG_VERSION"),
+            sync_listener.local_addr()?,
+            admin_listener.local_addr()?
+        );
+        let retention = config.tombstone_retention()?;
+        let sync_state = Arc::new(SyncState::new(config.clone(), store.clone()));
+        let admin_state = Arc::new(AdminState {
+            config: config.clone(),
+            store: store.clone(),
+            token,
+        });
+        tokio::spawn(storebox_http::serve(
+            sync_listener,
+            Some(tls),
+            sync_state,
+            storehub::sync_api::handle,
+        ));
+        tokio::spawn(storebox_http::serve(
+            admin_listener,
+            None,
+            admin_state,
+            storehub::admin_api::handle,
+        ));
+        tokio::spawn(prune_loop(store, retention));
+        shutdown_signal().await;
+        tracing::info!("storehub stopping");
+        Ok(())
+    })
+}
+
+/// Forgets expired tombstones once an hour.
+async fn prune_loop(store: Arc<HubStore>, retention: std::time::Duration) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let before = storehub::now_ms() - retention.as_millis() as i64;
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.prune_tombstones(before)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!("forgot {n} expired tombstones"),
+            Ok(Err(e)) => tracing::error!("pruning tombstones: {e}"),
+            Err(e) => tracing::error!("pruning tombstones: {e}"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,416 @@
+//! The wire protocol between a storebox and storehub, version 1.
+//!
+//! This crate owns the message types, their encoding (postcard, then zstd) and the rules both
+//! sides share: the paths, the names a module or record may have, the canonical form of a
+//! record. It knows nothing about sockets, HTTP libraries or storage: both binaries wrap it.
+//! The reasoning behind each choice is in `docs/PROTOCOL.md`.
+//!
+//! Two rules shape the types:
+//! - **Modules are independent.** Every answer that carries data for several modules carries
+//!   each module in its own [`ModuleFrame`], encoded separately, so that a payload one side
+//!   cannot decode spoils that module only.
+//! - **Records are opaque JSON text** on the wire, in canonical form (sorted keys, no spaces),
+//!   so a record that fails validation on the box is quarantined alone and the hub never has
+//!   to know the shape of a shop's data.
+
+use std::io::Read;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version spoken by this crate. Sent by the box in [`HEADER_PROTOCOL`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Header carrying [`PROTOCOL_VERSION`] on every request, so the hub can refuse or adapt.
+pub const HEADER_PROTOCOL: &str = "storebox-protocol";
+
+/// Media type of every sync request and answer body: a zstd frame holding a postcard message.
+pub const CONTENT_TYPE: &str = "application/vnd.storebox.v1+postcard";
+
+/// Path of the delta pull: the box sends its cursors, the hub answers with what changed.
+pub const PATH_DELTA: &str = "/sync/v1/delta";
+/// Path of the full sync: the hub answers with a snapshot of every requested module.
+pub const PATH_FULL: &str = "/sync/v1/full";
+/// Path of the activity push: the box sends events recorded in the shop.
+pub const PATH_ACTIVITY: &str = "/sync/v1/activity";
+/// Path of the acknowledgement: the box tells the hub which cursors it has applied.
+pub const PATH_ACK: &str = "/sync/v1/ack";
+
+/// Largest decoded message either side accepts, a guard against decompression bombs.
+pub const MAX_DECODED_BYTES: usize = 256 * 1024 * 1024;
+
+/// Largest record id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Errors of encoding and decoding a message.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("could not encode the message: {0}")]
+    Encode(#[source] postcard::Error),
+    #[error("could not compress the message: {0}")]
+    Compress(#[source] std::io::Error),
+    #[error("the body is not a valid zstd frame: {0}")]
+    Decompress(#[source] std::io::Error),
+    #[error("the body decompresses to more than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the message does not decode as {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
+}
+
+/// What the box asks in a delta pull: its cursor for every module it knows.
+///
+/// The hub answers every module of the store except those in `skip`; modules the box does
+/// not list are answered from cursor 0, which is how a module added on the hub reaches the
+/// box without a full sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaRequest {
+    pub cursors: Vec<ModuleCursor>,
+    /// Modules the box is backing off from after a failure.
+    pub skip: Vec<String>,
+    /// Most changes per module in one answer; the hub may send fewer and set `more`.
+    pub limit: u32,
+}
+
+/// A module's cursor: the change sequence number up to which the box has applied changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleCursor {
+    pub module: String,
+    pub cursor: u64,
+}
+
+/// What the box asks in a full sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullRequest {
+    /// Modules to snapshot; empty means every module of the store.
+    pub modules: Vec<String>,
+}
+
+/// An answer carrying one frame per module. Used by both delta pull and full sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModulesAnswer {
+    /// The hub's clock when it built the answer, in milliseconds since the Unix epoch.
+    pub hub_time_ms: i64,
+    pub frames: Vec<ModuleFrame>,
+}
+
+/// One module's part of an answer. `payload` is a postcard-encoded [`ModuleDelta`] (delta
+/// pull) or [`ModuleSnapshot`] (full sync), kept as bytes so that one module the box cannot
+/// decode does not stop the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleFrame {
+    pub module: String,
+    /// Record fields the box indexes for lookups, e.g. `ean13` for the catalog.
+    pub indexes: Vec<String>,
+    pub payload: Vec<u8>,
+}
+
+/// A module's changes since the box's cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModuleDelta {
+    /// Changes in sequence order; applying them moves the box's cursor to `cursor`.
+    Changes {
+        changes: Vec<Change>,
+        cursor: u64,
+        /// More changes wait beyond `cursor`: ask again at once.
+        more: bool,
+    },
+    /// The box's cursor is older than the oldest deletion the hub still remembers: only a
+    /// full sync of this module can make it exact.
+    ResetNeeded,
+    /// The hub could not serve this module; the others are unaffected.
+    Failed { error: String },
+}
+
+/// One change of one record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub id: String,
+    pub seq: u64,
+    /// The record's canonical JSON text, or `None` when the record was deleted.
+    pub record: Option<String>,
+}
+
+/// A module's whole content at one cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModuleSnapshot {
+    Records {
+        /// Every live record, as (id, canonical JSON text), in id order.
+        records: Vec<(String, String)>,
+        /// The module's change sequence at the time of the snapshot.
+        cursor: u64,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Activity events pushed by the box, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityBatch {
+    pub events: Vec<PushedEvent>,
+}
+
+/// One event as recorded by the box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushedEvent {
+    /// The till's idempotency key: the hub stores each id once per store.
+    pub id: String,
+    /// When the box received it, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// The event as the till sent it, canonical JSON text.
+    pub event: String,
+}
+
+/// The hub's answer to an activity push. The events are durable at the hub when it is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityAck {
+    /// Events stored for the first time.
+    pub accepted: u32,
+    /// Events whose id the hub already had.
+    pub duplicates: u32,
+}
+
+/// The cursors a box has applied, sent after a full sync so the hub's view of the box is true
+/// even when delta pulls are switched off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub cursors: Vec<ModuleCursor>,
+    /// Activity events the box holds that the hub has not acknowledged yet.
+    pub pending_activity: u64,
+    /// The box software version, for the fleet view.
+    pub box_version: String,
+}
+
+/// Encodes a message as postcard, then compresses it as one zstd frame at `level`.
+pub fn encode<T: Serialize>(message: &T, level: i32) -> Result<Vec<u8>, WireError> {
+    let raw = postcard::to_stdvec(message).map_err(WireError::Encode)?;
+    zstd::encode_all(raw.as_slice(), level).map_err(WireError::Compress)
+}
+
+/// Decompresses one zstd frame, refusing to produce more than `limit` bytes.
+pub fn decompress(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    let decoder = zstd::stream::read::Decoder::new(body).map_err(WireError::Decompress)?;
+    let mut out = Vec::new();
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(WireError::Decompress)?;
+    if out.len() > limit {
+        return Err(WireError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// Decodes a body made by [`encode`].
+pub fn decode<T: DeserializeOwned>(body: &[u8], what: &'static str) -> Result<T, WireError> {
+    let raw = decompress(body, MAX_DECODED_BYTES)?;
+    decode_plain(&raw, what)
+}
+
+/// Encodes a module payload (not compressed: the whole answer is compressed once).
+pub fn encode_plain<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
+    postcard::to_stdvec(message).map_err(WireError::Encode)
+}
+
+/// Decodes a module payload made by [`encode_plain`].
+pub fn decode_plain<T: DeserializeOwned>(raw: &[u8], what: &'static str) -> Result<T, WireError> {
+    postcard::from_bytes(raw).map_err(|source| WireError::Decode { what, source })
+}
+
+/// Whether `name` can name a module: 1 to 64 of `a-z`, `0-9`, `_` and `-`.
+///
+/// Module names appear in URL paths and storage keys on both sides, so they are kept plain.
+pub fn is_valid_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Why a JSON value cannot be stored as a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("a record must be a JSON object")]
+    NotAnObject,
+    #[error("a record needs a string \"id\"")]
+    MissingId,
+    #[error("the id must be 1 to {MAX_ID_BYTES} bytes without control characters")]
+    BadId,
+}
+
+/// A record checked and put in canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalRecord {
+    pub id: String,
+    /// Canonical JSON: keys sorted, no insignificant white space.
+    pub json: String,
+}
+
+/// Checks that `value` is an object with a valid string `id` and returns its canonical form.
+///
+/// Canonical form makes "unchanged" a byte comparison on both sides, which is what lets the
+/// hub skip writes and the box skip re-applying identical records.
+pub fn canonical_record(value: &serde_json::Value) -> Result<CanonicalRecord, RecordError> {
+    let object = value.as_object().ok_or(RecordError::NotAnObject)?;
+    let id = object
+        .get("id")
+        .and_then(|id| id.as_str())
+        .ok_or(RecordError::MissingId)?;
+    if !is_valid_id(id) {
+        return Err(RecordError::BadId);
+    }
+    // serde_json's map is a BTreeMap (the `preserve_order` feature is not enabled anywhere in
+    // the workspace), so serialising sorts keys at every depth.
+    let json = serde_json::to_string(value).map_err(|e| RecordError::Json(e.to_string()))?;
+    Ok(CanonicalRecord {
+        id: id.to_owned(),
+        json,
+    })
+}
+
+/// Parses JSON text and returns the record's canonical form.
+pub fn canonical_record_from_text(text: &str) -> Result<CanonicalRecord, RecordError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| RecordError::Json(e.to_string()))?;
+    canonical_record(&value)
+}
+
+/// Whether `id` can identify a record or an activity event.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control)
+}
+
+/// Parses a duration as both config files write it: "30d", "12h", "5m", "30s", or a plain
+/// number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} in {text:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(factor)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_encode_and_decode() {
+        let delta = ModuleDelta::Changes {
+            changes: vec![
+                Change {
+                    id: "P1".into(),
+                    seq: 7,
+                    record: Some(r#"{"id":"P1"}"#.into()),
+                },
+                Change {
+                    id: "P2".into(),
+                    seq: 8,
+                    record: None,
+                },
+            ],
+            cursor: 8,
+            more: false,
+        };
+        let answer = ModulesAnswer {
+            hub_time_ms: 1,
+            frames: vec![ModuleFrame {
+                module: "catalog".into(),
+                indexes: vec!["ean13".into()],
+                payload: encode_plain(&delta).unwrap(),
+            }],
+        };
+        let body = encode(&answer, 3).unwrap();
+        let back: ModulesAnswer = decode(&body, "answer").unwrap();
+        assert_eq!(back, answer);
+        let inner: ModuleDelta = decode_plain(&back.frames[0].payload, "delta").unwrap();
+        assert_eq!(inner, delta);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(matches!(
+            decode::<ModulesAnswer>(b"not zstd", "answer"),
+            Err(WireError::Decompress(_))
+        ));
+        let body = zstd::encode_all(&[0xff_u8; 16][..], 1).unwrap();
+        assert!(matches!(
+            decode::<ModulesAnswer>(&body, "answer"),
+            Err(WireError::Decode { .. })
+        ));
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        let body = zstd::encode_all(&vec![0_u8; 10_000][..], 1).unwrap();
+        assert!(matches!(
+            decompress(&body, 1000),
+            Err(WireError::TooLarge { limit: 1000 })
+        ));
+        assert_eq!(decompress(&body, 10_000).unwrap().len(), 10_000);
+    }
+
+    #[test]
+    fn canonical_form_sorts_keys_and_checks_the_id() {
+        let r = canonical_record_from_text(r#"{ "b": 1, "id": "x", "a": {"z":1,"y":2} }"#).unwrap();
+        assert_eq!(r.id, "x");
+        assert_eq!(r.json, r#"{"a":{"y":2,"z":1},"b":1,"id":"x"}"#);
+        assert_eq!(
+            canonical_record_from_text("[1]"),
+            Err(RecordError::NotAnObject)
+        );
+        assert_eq!(
+            canonical_record_from_text(r#"{"id":3}"#),
+            Err(RecordError::MissingId)
+        );
+        assert_eq!(
+            canonical_record_from_text(r#"{"id":""}"#),
+            Err(RecordError::BadId)
+        );
+        assert!(matches!(
+            canonical_record_from_text("{"),
+            Err(RecordError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("5m").unwrap().as_secs(), 300);
+        assert_eq!(parse_duration("45").unwrap().as_secs(), 45);
+        assert_eq!(parse_duration("30s").unwrap().as_secs(), 30);
+        assert_eq!(parse_duration("2d").unwrap().as_secs(), 172_800);
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn module_names_are_plain() {
+        assert!(is_valid_module_name("catalog"));
+        assert!(is_valid_module_name("stock_levels-2"));
+        assert!(!is_valid_module_name(""));
+        assert!(!is_valid_module_name("Catalog"));
+        assert!(!is_valid_module_name("a/b"));
+        assert!(!is_valid_module_name(&"a".repeat(65)));
+    }
+}

@@ -1,0 +1,368 @@
+//! The box configuration: `storebox.toml` plus sorted drop-ins from `storebox.d/*.toml`.
+//!
+//! Drop-ins let a board image ship defaults and a technician override one key without editing
+//! the main file: tables merge key by key, later files win. Unknown keys are refused with
+//! their name. Relative paths are resolved against the main file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The whole box configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxConfig {
+    /// The store this box serves, as the hub knows it.
+    pub store_id: String,
+    /// Where the box keeps its database.
+    pub data_dir: PathBuf,
+    pub hub: HubConfig,
+    #[serde(default)]
+    pub lan: LanConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// How to reach the hub.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// `https://host:port` of the hub's sync listener.
+    pub url: String,
+    /// PEM file of the CA the hub's certificate must chain to; nothing else is trusted.
+    pub ca_file: PathBuf,
+    /// The store's credential, inline...
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// ...or in a file of its own (takes precedence).
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+    /// Longest wait for one hub call.
+    #[serde(default = "default_hub_timeout")]
+    pub timeout: String,
+}
+
+/// The till-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanConfig {
+    #[serde(default = "default_lan_listen")]
+    pub listen: SocketAddr,
+    /// Largest activity event a till may post, in bytes.
+    #[serde(default = "default_max_activity_bytes")]
+    pub max_activity_bytes: usize,
+}
+
+/// The three sync processes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Local times ("HH:MM") of the daily full sync.
+    #[serde(default = "default_full_sync_at")]
+    pub full_sync_at: Vec<String>,
+    /// Period of the delta pull ("5m", "30s", "90"), or "off".
+    #[serde(default = "default_delta_interval")]
+    pub delta_interval: String,
+    /// Push activity as it happens; when false, full sync carries it.
+    #[serde(default = "default_true")]
+    pub push: bool,
+    /// Most events in one push.
+    #[serde(default = "default_push_batch")]
+    pub push_batch: usize,
+}
+
+/// The local database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// redb page cache, in MiB. redb's own default (1 GiB) does not suit a 512 MB board.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: usize,
+    /// Most activity events gathered into one durable commit.
+    #[serde(default = "default_activity_batch")]
+    pub activity_batch_max: usize,
+}
+
+fn default_hub_timeout() -> String {
+    "60s".into()
+}
+fn default_lan_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_max_activity_bytes() -> usize {
+    64 * 1024
+}
+fn default_full_sync_at() -> Vec<String> {
+    vec!["07:00".into()]
+}
+fn default_delta_interval() -> String {
+    "5m".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_push_batch() -> usize {
+    500
+}
+fn default_cache_mib() -> usize {
+    16
+}
+fn default_activity_batch() -> usize {
+    512
+}
+
+impl Default for LanConfig {
+    fn default() -> Self {
+        LanConfig {
+            listen: default_lan_listen(),
+            max_activity_bytes: default_max_activity_bytes(),
+        }
+    }
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            full_sync_at: default_full_sync_at(),
+            delta_interval: default_delta_interval(),
+            push: true,
+            push_batch: default_push_batch(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            cache_mib: default_cache_mib(),
+            activity_batch_max: default_activity_batch(),
+        }
+    }
+}
+
+/// A local time of day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimeOfDay {
+    pub hour: u32,
+    pub minute: u32,
+}
+
+impl BoxConfig {
+    /// Reads `path` and the drop-ins of `<dir>/storebox.d/`, then checks the result.
+    pub fn load(path: &Path) -> anyhow::Result<BoxConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config {}", path.display()))?;
+        let mut merged: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("parsing the config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let dropin_dir = base.join("storebox.d");
+        if dropin_dir.is_dir() {
+            let mut dropins: Vec<PathBuf> = std::fs::read_dir(&dropin_dir)
+                .with_context(|| format!("listing {}", dropin_dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            dropins.sort();
+            for dropin in dropins {
+                let text = std::fs::read_to_string(&dropin)
+                    .with_context(|| format!("reading the drop-in {}", dropin.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("parsing the drop-in {}", dropin.display()))?;
+                merge(&mut merged, table);
+            }
+        }
+        let mut config: BoxConfig = merged
+            .try_into()
+            .with_context(|| format!("reading the config {}", path.display()))?;
+        for p in [&mut config.data_dir, &mut config.hub.ca_file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(p) = &mut config.hub.credential_file {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config
+            .check()
+            .with_context(|| format!("checking the config {}", path.display()))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if !storebox_protocol::is_valid_module_name(&self.store_id) {
+            bail!(
+                "store_id {:?} is invalid: use 1 to 64 of a-z, 0-9, _ and -",
+                self.store_id
+            );
+        }
+        self.full_sync_times()?;
+        self.delta_interval()?;
+        self.hub_timeout()?;
+        if !self.hub.url.starts_with("https://") {
+            bail!("[hub] url must start with https:// (got {:?})", self.hub.url);
+        }
+        if self.hub.credential.is_none() && self.hub.credential_file.is_none() {
+            bail!("[hub] needs credential or credential_file");
+        }
+        if self.storage.cache_mib == 0 || self.storage.activity_batch_max == 0 {
+            bail!("[storage] cache_mib and activity_batch_max must be at least 1");
+        }
+        if self.sync.push_batch == 0 {
+            bail!("[sync] push_batch must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The configured full sync times, sorted.
+    pub fn full_sync_times(&self) -> anyhow::Result<Vec<TimeOfDay>> {
+        let mut times = Vec::new();
+        for text in &self.sync.full_sync_at {
+            times.push(parse_time_of_day(text).with_context(|| {
+                format!("[sync] full_sync_at: {text:?} is not a time like \"07:00\"")
+            })?);
+        }
+        times.sort();
+        Ok(times)
+    }
+
+    /// The delta pull period, or `None` when switched off.
+    pub fn delta_interval(&self) -> anyhow::Result<Option<Duration>> {
+        if self.sync.delta_interval.trim() == "off" {
+            return Ok(None);
+        }
+        let d = storebox_protocol::parse_duration(&self.sync.delta_interval)
+            .map_err(|e| anyhow::anyhow!("[sync] delta_interval: {e}"))?;
+        if d.is_zero() {
+            bail!("[sync] delta_interval must be positive, or \"off\"");
+        }
+        Ok(Some(d))
+    }
+
+    /// The longest wait for one hub call.
+    pub fn hub_timeout(&self) -> anyhow::Result<Duration> {
+        storebox_protocol::parse_duration(&self.hub.timeout)
+            .map_err(|e| anyhow::anyhow!("[hub] timeout: {e}"))
+    }
+
+    /// The store credential, from the file when one is configured.
+    pub fn credential(&self) -> anyhow::Result<String> {
+        if let Some(path) = &self.hub.credential_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the credential {}", path.display()))?;
+            return Ok(text.trim().to_owned());
+        }
+        self.hub
+            .credential
+            .clone()
+            .context("[hub] needs credential or credential_file")
+    }
+}
+
+fn parse_time_of_day(text: &str) -> Option<TimeOfDay> {
+    let (h, m) = text.trim().split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let hour: u32 = h.parse().ok()?;
+    let minute: u32 = m.parse().ok()?;
+    (hour < 24 && minute < 60).then_some(TimeOfDay { hour, minute })
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+store_id = "shop-1"
+data_dir = "data"
+[hub]
+url = "https://127.0.0.1:7443"
+ca_file = "ca.crt"
+credential = "secret"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("storebox.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let config = BoxConfig::load(&path).unwrap();
+        assert_eq!(config.data_dir, dir.path().join("data"));
+        assert_eq!(
+            config.full_sync_times().unwrap(),
+            [TimeOfDay { hour: 7, minute: 0 }]
+        );
+        assert_eq!(
+            config.delta_interval().unwrap(),
+            Some(Duration::from_secs(300))
+        );
+        assert!(config.sync.push);
+        assert_eq!(config.lan.listen.port(), 8080);
+    }
+
+    #[test]
+    fn dropins_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("storebox.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        std::fs::create_dir(dir.path().join("storebox.d")).unwrap();
+        std::fs::write(
+            dir.path().join("storebox.d/10-a.toml"),
+            "[sync]\ndelta_interval = \"off\"\npush = false\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("storebox.d/20-b.toml"),
+            "[sync]\nfull_sync_at = [\"23:30\", \"06:15\"]\n",
+        )
+        .unwrap();
+        let config = BoxConfig::load(&path).unwrap();
+        assert_eq!(config.delta_interval().unwrap(), None);
+        assert!(!config.sync.push);
+        assert_eq!(
+            config.full_sync_times().unwrap(),
+            [
+                TimeOfDay {
+                    hour: 6,
+                    minute: 15
+                },
+                TimeOfDay {
+                    hour: 23,
+                    minute: 30
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("storebox.toml");
+        std::fs::write(&path, format!("{MINIMAL}\n[sync]\nfull_sync_at = [\"7h\"]\n")).unwrap();
+        let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
+        assert!(e.contains("full_sync_at"), "{e}");
+        std::fs::write(&path, format!("{MINIMAL}\n[sync]\nflul_sync = 1\n")).unwrap();
+        let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
+        assert!(e.contains("flul_sync"), "{e}");
+    }
+}

@@ -1,0 +1,313 @@
+//! The till-facing HTTP API on the shop LAN: lookups from local data, activity posts, status,
+//! and sync on demand. Documented for integrators in `docs/TILL_API.md`.
+//!
+//! Invariant: no route waits on the hub. Lookups read the local database; an activity post
+//! waits only for its own durable commit; `POST /v1/sync/*` is the one exception, and only
+//! the caller who asked for a sync waits for it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::Request;
+use serde_json::{json, Value};
+use storebox_http::{self as h, Body};
+use storebox_protocol as proto;
+
+use crate::storage::{ActivityWriter, BoxStore, Stored, StoredEvent};
+use crate::sync::SyncEngine;
+
+/// What the LAN listener needs.
+pub struct LanState {
+    pub store_id: String,
+    pub store: Arc<BoxStore>,
+    pub writer: ActivityWriter,
+    pub sync: Arc<SyncEngine>,
+    pub max_activity_bytes: usize,
+    pub started: std::time::Instant,
+}
+
+/// Lookup aliases: `/v1/{module}/by-{alias}/{value}` reads the index of `field`.
+const ALIASES: &[(&str, &str, &str)] = &[
+    ("catalog", "by-ean", "ean13"),
+    ("customers", "by-card", "loyalty_card"),
+];
+
+/// Answers one request from a till.
+pub async fn handle(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(h::percent_decode)
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => h::json(StatusCode::OK, &status(&state)),
+        (&Method::POST, ["v1", "activity"]) => post_activity(&state, req.into_body()).await,
+        (&Method::POST, ["v1", "sync", "full"]) => {
+            let report = state.sync.full_now().await;
+            h::json(StatusCode::OK, &report)
+        }
+        (&Method::POST, ["v1", "sync", "delta"]) => {
+            let report = state.sync.delta_now().await;
+            h::json(StatusCode::OK, &report)
+        }
+        (&Method::GET, ["v1", "config"]) => config(&state),
+        (&Method::GET, ["v1", "promotions"]) => promotions(&state, query.as_deref()),
+        (&Method::GET, ["v1", module, "by", field, value]) => lookup(&state, module, field, value),
+        (&Method::GET, ["v1", module, alias, value]) if alias.starts_with("by-") => {
+            match ALIASES
+                .iter()
+                .find(|(m, a, _)| m == module && a == alias)
+            {
+                Some((_, _, field)) => lookup(&state, module, field, value),
+                None => not_found("no_route", format!("no lookup {alias} for module {module}")),
+            }
+        }
+        (&Method::GET, ["v1", module, id]) => get_record(&state, module, id),
+        (_, ["v1", ..]) if method != Method::GET && method != Method::POST => h::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        ),
+        _ => not_found("no_route", format!("no route {method} {path}")),
+    }
+}
+
+fn not_found(kind: &str, message: impl std::fmt::Display) -> Response<Body> {
+    h::error(StatusCode::NOT_FOUND, kind, message)
+}
+
+fn storage_error(e: impl std::fmt::Display) -> Response<Body> {
+    tracing::error!("till API: {e}");
+    h::error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e)
+}
+
+fn raw_json(text: String) -> Response<Body> {
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::new(Bytes::from(text)))
+        .unwrap_or_else(|e| storage_error(e))
+}
+
+fn known_module(state: &LanState, module: &str) -> Result<(), Response<Body>> {
+    match state.store.modules() {
+        Ok(modules) if modules.contains_key(module) => Ok(()),
+        Ok(_) => Err(not_found(
+            "unknown_module",
+            format!("no module {module:?} on this box (yet)"),
+        )),
+        Err(e) => Err(storage_error(e)),
+    }
+}
+
+fn get_record(state: &LanState, module: &str, id: &str) -> Response<Body> {
+    match state.store.get(module, id) {
+        Ok(Some(json)) => raw_json(json),
+        Ok(None) => {
+            if let Err(r) = known_module(state, module) {
+                return r;
+            }
+            not_found("not_found", format!("no record {id:?} in {module}"))
+        }
+        Err(e) => storage_error(e),
+    }
+}
+
+fn lookup(state: &LanState, module: &str, field: &str, value: &str) -> Response<Body> {
+    match state.store.get_by(module, field, value) {
+        Ok(Some(json)) => raw_json(json),
+        Ok(None) => {
+            if let Err(r) = known_module(state, module) {
+                return r;
+            }
+            not_found(
+                "not_found",
+                format!("no record with {field} = {value:?} in {module}"),
+            )
+        }
+        Err(e) => storage_error(e),
+    }
+}
+
+fn config(state: &LanState) -> Response<Body> {
+    let records = match state.store.all("config") {
+        Ok(r) => r,
+        Err(e) => return storage_error(e),
+    };
+    let mut out = serde_json::Map::new();
+    for (id, json) in records {
+        if let Ok(value) = serde_json::from_str::<Value>(&json) {
+            out.insert(id, value);
+        }
+    }
+    h::json(StatusCode::OK, &Value::Object(out))
+}
+
+fn promotions(state: &LanState, query: Option<&str>) -> Response<Body> {
+    let at = match h::query_param(query, "active_at") {
+        None => None,
+        Some(text) => match chrono::DateTime::parse_from_rfc3339(&text) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                return h::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("active_at {text:?} is not an RFC 3339 time: {e}"),
+                )
+            }
+        },
+    };
+    let records = match state.store.all("promotions") {
+        Ok(r) => r,
+        Err(e) => return storage_error(e),
+    };
+    let mut out = Vec::new();
+    for (_, json) in records {
+        let Ok(value) = serde_json::from_str::<Value>(&json) else {
+            continue;
+        };
+        if let Some(at) = at {
+            let bound = |name: &str| {
+                value
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            };
+            // A promotion without a readable window is not shown as active: better a missed
+            // discount than one applied outside its dates.
+            match (bound("start"), bound("end")) {
+                (Some(start), Some(end)) if start <= at && at < end => {}
+                _ => continue,
+            }
+        }
+        out.push(value);
+    }
+    h::json(StatusCode::OK, &json!({ "promotions": out }))
+}
+
+async fn post_activity(state: &LanState, body: Incoming) -> Response<Body> {
+    let body = match h::read_body(body, state.max_activity_bytes).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return h::error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                format!("the body is not valid JSON: {e}"),
+            )
+        }
+    };
+    let record = match proto::canonical_record(&value) {
+        Ok(r) => r,
+        Err(e) => return h::error(StatusCode::BAD_REQUEST, "bad_event", e),
+    };
+    let event = StoredEvent {
+        id: record.id.clone(),
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        event: record.json,
+    };
+    match state.writer.store(event).await {
+        Ok(Stored::New { seq }) => {
+            state.sync.push_wake.notify_one();
+            h::json(
+                StatusCode::CREATED,
+                &json!({"id": record.id, "seq": seq, "stored": "new"}),
+            )
+        }
+        Ok(Stored::Duplicate { seq }) => h::json(
+            StatusCode::OK,
+            &json!({"id": record.id, "seq": seq, "stored": "duplicate"}),
+        ),
+        Err(e) => {
+            tracing::error!("activity {:?} not stored: {e}", record.id);
+            h::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_stored",
+                format!("the event was not stored, post it again: {e}"),
+            )
+        }
+    }
+}
+
+fn rfc3339(ms: Option<i64>) -> Value {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .unwrap_or(Value::Null)
+}
+
+/// The status document of `GET /v1/status`.
+pub fn status(state: &LanState) -> Value {
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut modules = BTreeMap::new();
+    let stored = state.store.modules().unwrap_or_else(|e| {
+        tracing::error!("status: {e}");
+        BTreeMap::new()
+    });
+    for (name, m) in &stored {
+        let live = state.sync.live.module(name);
+        // The first few quarantined records, so a technician sees what to fix at the hub.
+        let quarantine: Vec<Value> = if m.quarantined > 0 {
+            state
+                .store
+                .quarantined(name)
+                .unwrap_or_default()
+                .into_iter()
+                .take(20)
+                .map(|(id, reason)| json!({"id": id, "reason": reason}))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let last_delta = live.last_delta_ok_ms.max(m.last_delta_ok_ms);
+        let last_full = live.last_full_ok_ms.max(m.last_full_ok_ms);
+        let last_ok = last_delta.max(last_full);
+        modules.insert(
+            name.clone(),
+            json!({
+                "records": m.records,
+                "cursor": m.cursor,
+                "quarantined": m.quarantined,
+                "quarantine": quarantine,
+                "last_delta_ok": rfc3339(last_delta),
+                "last_full_ok": rfc3339(last_full),
+                "last_error": live.last_error,
+                "data_age_s": last_ok.map(|t| (now - t).max(0) / 1000),
+            }),
+        );
+    }
+    let pending = state.store.pending_activity().unwrap_or_default();
+    let link = state.sync.live.link();
+    let bytes: BTreeMap<_, _> = state
+        .sync
+        .bytes()
+        .into_iter()
+        .map(|(process, (sent, received))| (process, json!({"sent": sent, "received": received})))
+        .collect();
+    json!({
+        "store_id": state.store_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "modules": modules,
+        "activity": {
+            "pending": pending.pending,
+            "pushed": pending.pushed_through,
+            "oldest_pending_age_s": pending.oldest_pending_ms.map(|t| (now - t).max(0) / 1000),
+        },
+        "hub": {
+            "state": link.state,
+            "last_ok": rfc3339(link.last_ok_ms),
+            "last_error": link.last_error,
+        },
+        "bytes": bytes,
+        "last_full_sync": state.sync.live.last_full(),
+    })
+}

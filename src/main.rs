@@ -1,0 +1,306 @@
+//! `storebox`: the in-store appliance daemon and its command-line tools.
+//!
+//! `serve` runs the daemon; `status` and `sync` talk to a running daemon over its LAN API on
+//! this machine, the way a field technician would.
+
+mod config;
+mod lan;
+mod status;
+mod storage;
+mod sync;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::BoxConfig;
+
+#[derive(Parser)]
+#[command(name = "storebox", version, about = "The in-store appliance: serves tills, syncs with storehub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: the till API on the LAN and the three sync processes.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show the sync state of the running daemon as a table.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the raw JSON document instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a sync now on the running daemon, wait for it and print the outcome.
+    Sync {
+        kind: SyncKind,
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SyncKind {
+    Full,
+    Delta,
+}
+
+fn main() -> std::process::ExitCode {
+    let level = std::env::var("STOREBOX_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("storebox: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve { config } => {
+            let config = BoxConfig::load(&config)?;
+            runtime.block_on(serve(config))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Status { config, json } => {
+            let config = BoxConfig::load(&config)?;
+            let doc = runtime.block_on(daemon_call(&config, http::Method::GET, "/v1/status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", render_status(&doc));
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Sync { kind, config } => {
+            let config = BoxConfig::load(&config)?;
+            let path = match kind {
+                SyncKind::Full => "/v1/sync/full",
+                SyncKind::Delta => "/v1/sync/delta",
+            };
+            let report = runtime.block_on(daemon_call(&config, http::Method::POST, path))?;
+            print!("{}", render_report(&report));
+            Ok(if report["ok"].as_bool() == Some(true) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+async fn serve(config: BoxConfig) -> anyhow::Result<()> {
+    let store = Arc::new(storage::BoxStore::open(
+        &config.data_dir,
+        config.storage.cache_mib,
+    )?);
+    let target = Arc::new(sync::link::HubTarget::new(
+        &config.hub.url,
+        &config.hub.ca_file,
+        &config.credential()?,
+        config.hub_timeout()?,
+    )?);
+    let settings = sync::SyncSettings {
+        full_sync_at: config.full_sync_times()?,
+        delta_interval: config.delta_interval()?,
+        push: config.sync.push,
+        push_batch: config.sync.push_batch,
+    };
+    let live = Arc::new(status::LiveStatus::default());
+    let engine = sync::SyncEngine::new(store.clone(), live, target, settings);
+    let writer = store.start_activity_writer(config.storage.activity_batch_max);
+    let listener = tokio::net::TcpListener::bind(config.lan.listen)
+        .await
+        .with_context(|| format!("listening for tills on {}", config.lan.listen))?;
+    tracing::info!(
+        "storebox {} for store {} serving tills on http://{}",
+        env!("CARGO_PKG_VERSION"),
+        config.store_id,
+        listener.local_addr()?
+    );
+    let state = Arc::new(lan::LanState {
+        store_id: config.store_id.clone(),
+        store,
+        writer,
+        sync: engine.clone(),
+        max_activity_bytes: config.lan.max_activity_bytes,
+        started: std::time::Instant::now(),
+    });
+    engine.start();
+    let server = tokio::spawn(storebox_http::serve(listener, None, state, lan::handle));
+    shutdown_signal().await;
+    tracing::info!("storebox stopping");
+    server.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Where a tool on this machine reaches the daemon: its LAN address, with a wildcard
+/// listen address replaced by loopback.
+fn local_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+async fn daemon_call(
+    config: &BoxConfig,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let addr = local_addr(config.lan.listen);
+    let (status, body) = storebox_http::call(addr, method, path, &[], bytes::Bytes::new())
+        .await
+        .with_context(|| {
+            format!("asking the storebox daemon at {addr} (is `storebox serve` running?)")
+        })?;
+    let doc: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("the daemon answered {status} with a body that is not JSON"))?;
+    anyhow::ensure!(status.is_success(), "the daemon answered {status}: {doc}");
+    Ok(doc)
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The status document as a table for a technician's terminal.
+fn render_status(doc: &serde_json::Value) -> String {
+    let mut out = format!(
+        "store {}  version {}  hub link {} (last ok {}){}\n\n",
+        text(&doc["store_id"]),
+        text(&doc["version"]),
+        text(&doc["hub"]["state"]),
+        text(&doc["hub"]["last_ok"]),
+        match &doc["hub"]["last_error"] {
+            serde_json::Value::Null => String::new(),
+            e => format!("\n  last hub error: {}", text(e)),
+        }
+    );
+    out += &format!(
+        "{:<12} {:>8} {:>8} {:>6} {:<21} {:<21} {:>8}  {}\n",
+        "MODULE", "RECORDS", "CURSOR", "QUAR", "LAST DELTA", "LAST FULL", "AGE (s)", "ERROR"
+    );
+    if let Some(modules) = doc["modules"].as_object() {
+        for (name, m) in modules {
+            out += &format!(
+                "{:<12} {:>8} {:>8} {:>6} {:<21} {:<21} {:>8}  {}\n",
+                name,
+                text(&m["records"]),
+                text(&m["cursor"]),
+                text(&m["quarantined"]),
+                text(&m["last_delta_ok"]),
+                text(&m["last_full_ok"]),
+                text(&m["data_age_s"]),
+                text(&m["last_error"]),
+            );
+        }
+    }
+    out += &format!(
+        "\nactivity: {} pending, {} pushed, oldest pending {} s\n",
+        text(&doc["activity"]["pending"]),
+        text(&doc["activity"]["pushed"]),
+        text(&doc["activity"]["oldest_pending_age_s"]),
+    );
+    if let Some(bytes) = doc["bytes"].as_object() {
+        out += "hub bytes:";
+        for (process, b) in bytes {
+            out += &format!(
+                "  {process} {} sent / {} received;",
+                text(&b["sent"]),
+                text(&b["received"])
+            );
+        }
+        out += "\n";
+    }
+    out
+}
+
+/// A sync report as lines for a terminal.
+fn render_report(report: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{} sync: {} in {} ms, {} bytes sent, {} received",
+        text(&report["process"]),
+        if report["ok"].as_bool() == Some(true) {
+            "ok"
+        } else {
+            "FAILED"
+        },
+        text(&report["duration_ms"]),
+        text(&report["bytes_sent"]),
+        text(&report["bytes_received"]),
+    );
+    if report["activity_pushed"].as_u64().unwrap_or(0) > 0 {
+        out += &format!(", {} events pushed", text(&report["activity_pushed"]));
+    }
+    out += "\n";
+    if let Some(e) = report["error"].as_str() {
+        out += &format!("  error: {e}\n");
+    }
+    if let Some(modules) = report["modules"].as_object() {
+        for (name, m) in modules {
+            out += &format!(
+                "  {:<12} {} upserted {}, deleted {}, unchanged {}, quarantined {}{}{}\n",
+                name,
+                if m["ok"].as_bool() == Some(true) { "ok    " } else { "FAILED" },
+                text(&m["upserted"]),
+                text(&m["deleted"]),
+                text(&m["unchanged"]),
+                text(&m["quarantined"]),
+                if m["reset_needed"].as_bool() == Some(true) {
+                    ", full sync scheduled"
+                } else {
+                    ""
+                },
+                m["error"]
+                    .as_str()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,914 @@
+//! The box's local database (redb on flash): synced module data, its indexes, per-module sync
+//! state, and the shop's activity waiting to be pushed.
+//!
+//! Tables (see `docs/STORAGE.md` for the reasoning):
+//!
+//! | table          | key                      | value                           |
+//! |----------------|--------------------------|---------------------------------|
+//! | `records`      | (module, id)             | canonical JSON                  |
+//! | `index`        | (module, field, value)   | record id                       |
+//! | `modules`      | module                   | [`ModuleState`] (postcard)      |
+//! | `quarantine`   | (module, id)             | why the record was kept out     |
+//! | `activity`     | seq                      | [`StoredEvent`] (postcard)      |
+//! | `activity_ids` | event id                 | seq                             |
+//! | `meta`         | name                     | u64 (`pushed_through`)          |
+//!
+//! A module's records, index entries and cursor change in the same transaction, so after a
+//! power cut the cursor always describes the data beside it. Activity is written by one
+//! thread ([`ActivityWriter`]) that gathers concurrent posts into one durable commit.
+//!
+//! This module knows nothing about HTTP or the hub.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use storebox_protocol::{self as proto, Change};
+use tokio::sync::{mpsc, oneshot};
+
+const RECORDS: TableDefinition<(&str, &str), &str> = TableDefinition::new("records");
+const INDEX: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("index");
+const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
+const QUARANTINE: TableDefinition<(&str, &str), &str> = TableDefinition::new("quarantine");
+const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity");
+const ACTIVITY_IDS: TableDefinition<&str, u64> = TableDefinition::new("activity_ids");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const PUSHED_THROUGH: &str = "pushed_through";
+
+/// Errors of the local database, each naming what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("local database: {context}: {source}")]
+    Db {
+        context: &'static str,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("local database: a stored {what} does not decode; the file may be damaged")]
+    Corrupt { what: &'static str },
+    #[error("local database: the activity writer has stopped")]
+    WriterGone,
+}
+
+trait Ctx<T> {
+    fn ctx(self, context: &'static str) -> Result<T, StorageError>;
+}
+
+impl<T, E: Into<redb::Error>> Ctx<T> for Result<T, E> {
+    fn ctx(self, context: &'static str) -> Result<T, StorageError> {
+        self.map_err(|e| StorageError::Db {
+            context,
+            source: e.into(),
+        })
+    }
+}
+
+/// What the box keeps about one module's sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleState {
+    /// Hub change sequence up to which the local data is complete.
+    pub cursor: u64,
+    /// Fields indexed for lookups, as the hub announced them.
+    pub indexes: Vec<String>,
+    /// Live records.
+    pub records: u64,
+    /// Records kept out because they failed validation.
+    pub quarantined: u64,
+    pub last_full_ok_ms: Option<i64>,
+    pub last_delta_ok_ms: Option<i64>,
+}
+
+/// An activity event as kept on the box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub id: String,
+    pub received_at_ms: i64,
+    /// Canonical JSON of the event as the till posted it.
+    pub event: String,
+}
+
+/// What to apply to one module.
+#[derive(Debug, Clone)]
+pub struct ModuleApply {
+    pub module: String,
+    pub indexes: Vec<String>,
+    pub kind: ApplyKind,
+    pub now_ms: i64,
+}
+
+/// A delta or a snapshot.
+#[derive(Debug, Clone)]
+pub enum ApplyKind {
+    /// Changes made on top of `from_cursor`. Dropped if the module's cursor moved meanwhile
+    /// (a full sync got there first): the next pull fetches them again from the new cursor.
+    Delta {
+        from_cursor: u64,
+        changes: Vec<Change>,
+        cursor: u64,
+    },
+    /// The module's whole content: the local module becomes exactly this.
+    Snapshot {
+        records: Vec<(String, String)>,
+        cursor: u64,
+    },
+}
+
+/// What applying did to one module.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    pub upserted: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    /// Records kept out in this apply, with the reason.
+    pub quarantined: Vec<(String, String)>,
+    /// The delta was dropped because the module moved on meanwhile.
+    pub stale: bool,
+    /// Of `upserted`, the ids that were not there before: keeps the record count without a
+    /// scan.
+    #[serde(skip)]
+    pub upserted_new: u64,
+}
+
+/// The local database.
+pub struct BoxStore {
+    db: Arc<Database>,
+}
+
+impl BoxStore {
+    /// Opens (or creates) the database in `dir` with a page cache of `cache_mib` MiB.
+    pub fn open(dir: &Path, cache_mib: usize) -> anyhow::Result<BoxStore> {
+        use anyhow::Context;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        let path = dir.join("storebox.redb");
+        let db = Database::builder()
+            .set_cache_size(cache_mib * 1024 * 1024)
+            .create(&path)
+            .with_context(|| format!("opening the database {}", path.display()))?;
+        let txn = db.begin_write().context("starting the first transaction")?;
+        {
+            txn.open_table(RECORDS)?;
+            txn.open_table(INDEX)?;
+            txn.open_table(MODULES)?;
+            txn.open_table(QUARANTINE)?;
+            txn.open_table(ACTIVITY)?;
+            txn.open_table(ACTIVITY_IDS)?;
+            txn.open_table(META)?;
+        }
+        txn.commit().context("creating the tables")?;
+        Ok(BoxStore { db: Arc::new(db) })
+    }
+
+    /// One record's canonical JSON.
+    pub fn get(&self, module: &str, id: &str) -> Result<Option<String>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let records = txn.open_table(RECORDS).ctx("opening records")?;
+        Ok(records
+            .get((module, id))
+            .ctx("reading a record")?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// The record whose indexed `field` equals `value`.
+    pub fn get_by(
+        &self,
+        module: &str,
+        field: &str,
+        value: &str,
+    ) -> Result<Option<String>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let index = txn.open_table(INDEX).ctx("opening the index")?;
+        let Some(id) = index.get((module, field, value)).ctx("reading the index")? else {
+            return Ok(None);
+        };
+        let records = txn.open_table(RECORDS).ctx("opening records")?;
+        Ok(records
+            .get((module, id.value()))
+            .ctx("reading a record")?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// Every record of a module, in id order.
+    pub fn all(&self, module: &str) -> Result<Vec<(String, String)>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let records = txn.open_table(RECORDS).ctx("opening records")?;
+        let mut out = Vec::new();
+        for entry in records.range((module, "")..).ctx("scanning records")? {
+            let (key, value) = entry.ctx("reading a record")?;
+            let (m, id) = key.value();
+            if m != module {
+                break;
+            }
+            out.push((id.to_owned(), value.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// The sync state of every module the box has heard of.
+    pub fn modules(&self) -> Result<BTreeMap<String, ModuleState>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let modules = txn.open_table(MODULES).ctx("opening modules")?;
+        let mut out = BTreeMap::new();
+        for entry in modules.iter().ctx("scanning modules")? {
+            let (key, value) = entry.ctx("reading a module")?;
+            out.insert(key.value().to_owned(), decode_state(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The quarantined records of a module, with the reasons.
+    pub fn quarantined(&self, module: &str) -> Result<Vec<(String, String)>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let table = txn.open_table(QUARANTINE).ctx("opening quarantine")?;
+        let mut out = Vec::new();
+        for entry in table.range((module, "")..).ctx("scanning quarantine")? {
+            let (key, value) = entry.ctx("reading quarantine")?;
+            let (m, id) = key.value();
+            if m != module {
+                break;
+            }
+            out.push((id.to_owned(), value.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Applies deltas and snapshots of several modules in one durable transaction. Records
+    /// identical to the stored ones are not rewritten; when nothing at all changes, nothing is
+    /// committed, so an idle pull costs the flash nothing.
+    pub fn apply(&self, applies: &[ModuleApply]) -> Result<Vec<Applied>, StorageError> {
+        let txn = self.db.begin_write().ctx("starting an apply")?;
+        let mut results = Vec::new();
+        let mut dirty = false;
+        {
+            let mut t = Tables {
+                records: txn.open_table(RECORDS).ctx("opening records")?,
+                index: txn.open_table(INDEX).ctx("opening the index")?,
+                modules: txn.open_table(MODULES).ctx("opening modules")?,
+                quarantine: txn.open_table(QUARANTINE).ctx("opening quarantine")?,
+            };
+            for apply in applies {
+                let (applied, changed) = t.apply_module(apply)?;
+                dirty |= changed;
+                results.push(applied);
+            }
+        }
+        if dirty {
+            txn.commit().ctx("committing an apply")?;
+        } else {
+            txn.abort().ctx("abandoning an empty apply")?;
+        }
+        Ok(results)
+    }
+
+    /// How much activity waits for the hub.
+    pub fn pending_activity(&self) -> Result<PendingActivity, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let meta = txn.open_table(META).ctx("opening meta")?;
+        let pushed = meta
+            .get(PUSHED_THROUGH)
+            .ctx("reading the push mark")?
+            .map_or(0, |v| v.value());
+        let activity = txn.open_table(ACTIVITY).ctx("opening activity")?;
+        let head = match activity.last().ctx("reading the activity head")? {
+            Some((k, _)) => k.value(),
+            None => 0,
+        };
+        let oldest_pending_ms = match activity
+            .range(pushed.saturating_add(1)..)
+            .ctx("scanning activity")?
+            .next()
+        {
+            Some(entry) => {
+                let (_, v) = entry.ctx("reading an event")?;
+                Some(decode_event(v.value())?.received_at_ms)
+            }
+            None => None,
+        };
+        Ok(PendingActivity {
+            pending: head.saturating_sub(pushed),
+            pushed_through: pushed,
+            head,
+            oldest_pending_ms,
+        })
+    }
+
+    /// Up to `limit` events not yet acknowledged by the hub, oldest first, with their seq.
+    pub fn unpushed(&self, limit: usize) -> Result<Vec<(u64, StoredEvent)>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let meta = txn.open_table(META).ctx("opening meta")?;
+        let pushed = meta
+            .get(PUSHED_THROUGH)
+            .ctx("reading the push mark")?
+            .map_or(0, |v| v.value());
+        let activity = txn.open_table(ACTIVITY).ctx("opening activity")?;
+        let mut out = Vec::new();
+        for entry in activity
+            .range(pushed.saturating_add(1)..)
+            .ctx("scanning activity")?
+            .take(limit)
+        {
+            let (k, v) = entry.ctx("reading an event")?;
+            out.push((k.value(), decode_event(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Marks every event up to `seq` as acknowledged by the hub.
+    ///
+    /// Not waited onto the disk: if the mark is lost in a power cut, those events are pushed
+    /// again and the hub, which stores each id once, drops the copies. The next durable
+    /// commit (the next sale) carries it to the flash anyway.
+    pub fn mark_pushed(&self, seq: u64) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write().ctx("starting a push mark")?;
+        txn.set_durability(redb::Durability::None)
+            .ctx("setting durability")?;
+        {
+            let mut meta = txn.open_table(META).ctx("opening meta")?;
+            let current = meta
+                .get(PUSHED_THROUGH)
+                .ctx("reading the push mark")?
+                .map_or(0, |v| v.value());
+            meta.insert(PUSHED_THROUGH, seq.max(current))
+                .ctx("writing the push mark")?;
+        }
+        txn.commit().ctx("committing a push mark")?;
+        Ok(())
+    }
+
+    /// Starts the thread that writes activity, and returns the handle to post through.
+    pub fn start_activity_writer(&self, batch_max: usize) -> ActivityWriter {
+        let (tx, rx) = mpsc::channel::<WriteRequest>(batch_max * 4);
+        let db = self.db.clone();
+        let spawned = std::thread::Builder::new()
+            .name("activity-writer".into())
+            .spawn(move || activity_writer_loop(db, rx, batch_max));
+        match spawned {
+            Ok(_) => ActivityWriter { tx: Some(tx) },
+            Err(e) => {
+                // Posts then fail with a clear error instead of the daemon dying: reads keep
+                // serving the tills.
+                tracing::error!("could not start the activity writer thread: {e}");
+                ActivityWriter { tx: None }
+            }
+        }
+    }
+}
+
+/// How much activity waits for the hub.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PendingActivity {
+    pub pending: u64,
+    pub pushed_through: u64,
+    pub head: u64,
+    pub oldest_pending_ms: Option<i64>,
+}
+
+struct Tables<'t> {
+    records: redb::Table<'t, (&'static str, &'static str), &'static str>,
+    index: redb::Table<'t, (&'static str, &'static str, &'static str), &'static str>,
+    modules: redb::Table<'t, &'static str, &'static [u8]>,
+    quarantine: redb::Table<'t, (&'static str, &'static str), &'static str>,
+}
+
+impl Tables<'_> {
+    /// Applies one module; returns what happened and whether anything was written.
+    fn apply_module(&mut self, apply: &ModuleApply) -> Result<(Applied, bool), StorageError> {
+        let m = apply.module.as_str();
+        let before = match self.modules.get(m).ctx("reading a module")? {
+            Some(v) => Some(decode_state(v.value())?),
+            None => None,
+        };
+        let mut state = before.clone().unwrap_or_default();
+        let mut applied = Applied::default();
+        let mut changed = false;
+        if state.indexes != apply.indexes {
+            self.reindex(m, &state.indexes, &apply.indexes)?;
+            state.indexes = apply.indexes.clone();
+        }
+        match &apply.kind {
+            ApplyKind::Delta {
+                from_cursor,
+                changes,
+                cursor,
+            } => {
+                if before.is_some() && state.cursor != *from_cursor {
+                    applied.stale = true;
+                    return Ok((applied, false));
+                }
+                for change in changes {
+                    match &change.record {
+                        Some(json) => {
+                            changed |= self.upsert(m, &change.id, json, &state.indexes, &mut applied)?
+                        }
+                        None => changed |= self.delete(m, &change.id, &state.indexes, &mut applied)?,
+                    }
+                }
+                state.cursor = *cursor;
+                state.last_delta_ok_ms = Some(apply.now_ms);
+            }
+            ApplyKind::Snapshot { records, cursor } => {
+                let wanted: BTreeSet<&str> = records.iter().map(|(id, _)| id.as_str()).collect();
+                let mut stale_ids = Vec::new();
+                for entry in self.records.range((m, "")..).ctx("scanning records")? {
+                    let (key, _) = entry.ctx("reading a record")?;
+                    let (km, id) = key.value();
+                    if km != m {
+                        break;
+                    }
+                    if !wanted.contains(id) {
+                        stale_ids.push(id.to_owned());
+                    }
+                }
+                for id in stale_ids {
+                    changed |= self.delete(m, &id, &state.indexes, &mut applied)?;
+                }
+                // Quarantine entries of records gone from the hub go too.
+                let mut gone = Vec::new();
+                for entry in self.quarantine.range((m, "")..).ctx("scanning quarantine")? {
+                    let (key, _) = entry.ctx("reading quarantine")?;
+                    let (km, id) = key.value();
+                    if km != m {
+                        break;
+                    }
+                    if !wanted.contains(id) {
+                        gone.push(id.to_owned());
+                    }
+                }
+                for id in gone {
+                    self.quarantine
+                        .remove((m, id.as_str()))
+                        .ctx("clearing quarantine")?;
+                    changed = true;
+                }
+                for (id, json) in records {
+                    changed |= self.upsert(m, id, json, &state.indexes, &mut applied)?;
+                }
+                state.cursor = *cursor;
+                state.last_full_ok_ms = Some(apply.now_ms);
+            }
+        }
+        state.records = (state.records + applied.upserted_new).saturating_sub(applied.deleted);
+        state.quarantined = self.quarantine_count(m)?;
+        if before.as_ref() != Some(&state) {
+            // Cursor or counters moved. A pull that only refreshed `last_delta_ok` writes
+            // nothing: that time is kept in memory by the sync engine until the next commit.
+            let cursor_or_counts_moved = before.as_ref().is_none_or(|b| {
+                b.cursor != state.cursor
+                    || b.records != state.records
+                    || b.quarantined != state.quarantined
+                    || b.indexes != state.indexes
+                    || b.last_full_ok_ms != state.last_full_ok_ms
+            });
+            if changed || cursor_or_counts_moved {
+                let bytes = postcard::to_stdvec(&state)
+                    .map_err(|_| StorageError::Corrupt { what: "module state" })?;
+                self.modules
+                    .insert(m, bytes.as_slice())
+                    .ctx("writing a module state")?;
+                changed = true;
+            }
+        }
+        Ok((applied, changed))
+    }
+
+    fn quarantine_count(&self, module: &str) -> Result<u64, StorageError> {
+        let mut n = 0;
+        for entry in self.quarantine.range((module, "")..).ctx("scanning quarantine")? {
+            let (key, _) = entry.ctx("reading quarantine")?;
+            if key.value().0 != module {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes a record unless identical; quarantines it if it fails validation. Returns
+    /// whether anything was written.
+    fn upsert(
+        &mut self,
+        module: &str,
+        id: &str,
+        json: &str,
+        indexes: &[String],
+        applied: &mut Applied,
+    ) -> Result<bool, StorageError> {
+        let (canonical, keys) = match validate(id, json, indexes) {
+            Ok(ok) => ok,
+            Err(reason) => {
+                tracing::warn!("module {module}: record {id:?} quarantined: {reason}");
+                self.quarantine
+                    .insert((module, id), reason.as_str())
+                    .ctx("quarantining a record")?;
+                applied.quarantined.push((id.to_owned(), reason));
+                // The previous good version, if any, stays: a till can still sell the
+                // product at its last valid price while the hub's data is corrected.
+                return Ok(true);
+            }
+        };
+        let mut wrote = false;
+        if self
+            .quarantine
+            .remove((module, id))
+            .ctx("clearing quarantine")?
+            .is_some()
+        {
+            wrote = true;
+        }
+        let old = self
+            .records
+            .get((module, id))
+            .ctx("reading a record")?
+            .map(|v| v.value().to_owned());
+        if old.as_deref() == Some(canonical.as_str()) {
+            applied.unchanged += 1;
+            return Ok(wrote);
+        }
+        if let Some(old) = &old {
+            for (field, value) in index_keys(old, indexes) {
+                self.unindex(module, &field, &value, id)?;
+            }
+        } else {
+            applied.upserted_new += 1;
+        }
+        self.records
+            .insert((module, id), canonical.as_str())
+            .ctx("writing a record")?;
+        for (field, value) in keys {
+            self.index
+                .insert((module, field.as_str(), value.as_str()), id)
+                .ctx("writing the index")?;
+        }
+        applied.upserted += 1;
+        Ok(true)
+    }
+
+    fn delete(
+        &mut self,
+        module: &str,
+        id: &str,
+        indexes: &[String],
+        applied: &mut Applied,
+    ) -> Result<bool, StorageError> {
+        let mut wrote = self
+            .quarantine
+            .remove((module, id))
+            .ctx("clearing quarantine")?
+            .is_some();
+        let old = self
+            .records
+            .remove((module, id))
+            .ctx("deleting a record")?
+            .map(|v| v.value().to_owned());
+        if let Some(old) = old {
+            for (field, value) in index_keys(&old, indexes) {
+                self.unindex(module, &field, &value, id)?;
+            }
+            applied.deleted += 1;
+            wrote = true;
+        }
+        Ok(wrote)
+    }
+
+    /// Removes an index entry if it still points at `id` (another record may have taken
+    /// the value since).
+    fn unindex(
+        &mut self,
+        module: &str,
+        field: &str,
+        value: &str,
+        id: &str,
+    ) -> Result<(), StorageError> {
+        let points_here = self
+            .index
+            .get((module, field, value))
+            .ctx("reading the index")?
+            .is_some_and(|v| v.value() == id);
+        if points_here {
+            self.index
+                .remove((module, field, value))
+                .ctx("writing the index")?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds a module's index when the hub changes which fields are indexed.
+    fn reindex(
+        &mut self,
+        module: &str,
+        old: &[String],
+        new: &[String],
+    ) -> Result<(), StorageError> {
+        let mut records = Vec::new();
+        for entry in self.records.range((module, "")..).ctx("scanning records")? {
+            let (key, value) = entry.ctx("reading a record")?;
+            let (m, id) = key.value();
+            if m != module {
+                break;
+            }
+            records.push((id.to_owned(), value.value().to_owned()));
+        }
+        for (id, json) in &records {
+            for (field, value) in index_keys(json, old) {
+                self.unindex(module, &field, &value, id)?;
+            }
+            for (field, value) in index_keys(json, new) {
+                self.index
+                    .insert((module, field.as_str(), value.as_str()), id.as_str())
+                    .ctx("writing the index")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a record from the hub and returns its canonical JSON and index keys.
+fn validate(
+    id: &str,
+    json: &str,
+    indexes: &[String],
+) -> Result<(String, Vec<(String, String)>), String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
+    let record = proto::canonical_record(&value).map_err(|e| e.to_string())?;
+    if record.id != id {
+        return Err(format!("the record's id {:?} differs from the change's", record.id));
+    }
+    let mut keys = Vec::new();
+    for field in indexes {
+        match value.get(field) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(s)) if !s.is_empty() => {
+                keys.push((field.clone(), s.clone()))
+            }
+            Some(serde_json::Value::Number(n)) => keys.push((field.clone(), n.to_string())),
+            Some(other) => {
+                return Err(format!(
+                    "indexed field {field:?} must be a non-empty string or a number, not {other}"
+                ))
+            }
+        }
+    }
+    Ok((record.json, keys))
+}
+
+/// Index keys of a stored (already valid) record.
+fn index_keys(json: &str, indexes: &[String]) -> Vec<(String, String)> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    indexes
+        .iter()
+        .filter_map(|field| match value.get(field)? {
+            serde_json::Value::String(s) if !s.is_empty() => Some((field.clone(), s.clone())),
+            serde_json::Value::Number(n) => Some((field.clone(), n.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn decode_state(bytes: &[u8]) -> Result<ModuleState, StorageError> {
+    postcard::from_bytes(bytes).map_err(|_| StorageError::Corrupt {
+        what: "module state",
+    })
+}
+
+fn decode_event(bytes: &[u8]) -> Result<StoredEvent, StorageError> {
+    postcard::from_bytes(bytes).map_err(|_| StorageError::Corrupt { what: "event" })
+}
+
+/// Whether an event was new or already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    New { seq: u64 },
+    Duplicate { seq: u64 },
+}
+
+struct WriteRequest {
+    event: StoredEvent,
+    reply: oneshot::Sender<Result<Stored, String>>,
+}
+
+/// The handle tills' posts go through to the activity writer thread.
+pub struct ActivityWriter {
+    tx: Option<mpsc::Sender<WriteRequest>>,
+}
+
+impl ActivityWriter {
+    /// Stores an event durably (on disk when this returns `Ok`), once per id.
+    pub async fn store(&self, event: StoredEvent) -> Result<Stored, StorageError> {
+        let tx = self.tx.as_ref().ok_or(StorageError::WriterGone)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(WriteRequest { event, reply })
+            .await
+            .map_err(|_| StorageError::WriterGone)?;
+        match answer.await {
+            Ok(Ok(stored)) => Ok(stored),
+            Ok(Err(message)) => {
+                tracing::error!("activity write failed: {message}");
+                Err(StorageError::WriterGone)
+            }
+            Err(_) => Err(StorageError::WriterGone),
+        }
+    }
+}
+
+/// Gathers the posts waiting when a commit ends into the next commit. Under load each fsync
+/// carries many events; alone, an event waits for nothing but its own commit.
+fn activity_writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<WriteRequest>, batch_max: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        match write_batch(&db, &batch) {
+            Ok(outcomes) => {
+                for (request, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for request in batch {
+                    let _ = request.reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn write_batch(db: &Database, batch: &[WriteRequest]) -> Result<Vec<Stored>, StorageError> {
+    let txn = db.begin_write().ctx("starting an activity commit")?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut activity = txn.open_table(ACTIVITY).ctx("opening activity")?;
+        let mut ids = txn.open_table(ACTIVITY_IDS).ctx("opening activity ids")?;
+        let mut next = match activity.last().ctx("reading the activity head")? {
+            Some((k, _)) => k.value() + 1,
+            None => 1,
+        };
+        for request in batch {
+            let event = &request.event;
+            if let Some(seq) = ids.get(event.id.as_str()).ctx("checking an event id")? {
+                outcomes.push(Stored::Duplicate { seq: seq.value() });
+                continue;
+            }
+            let bytes = postcard::to_stdvec(event)
+                .map_err(|_| StorageError::Corrupt { what: "event" })?;
+            activity
+                .insert(next, bytes.as_slice())
+                .ctx("storing an event")?;
+            ids.insert(event.id.as_str(), next)
+                .ctx("storing an event id")?;
+            outcomes.push(Stored::New { seq: next });
+            next += 1;
+        }
+    }
+    // Immediate durability is redb's default: commit returns once the data is fsync'd.
+    txn.commit().ctx("committing activity")?;
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn delta(module: &str, from: u64, changes: Vec<Change>, cursor: u64) -> ModuleApply {
+        ModuleApply {
+            module: module.into(),
+            indexes: vec!["ean13".into()],
+            kind: ApplyKind::Delta {
+                from_cursor: from,
+                changes,
+                cursor,
+            },
+            now_ms: 1,
+        }
+    }
+
+    fn change(id: &str, seq: u64, record: Option<&str>) -> Change {
+        Change {
+            id: id.into(),
+            seq,
+            record: record.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn deltas_update_records_indexes_and_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BoxStore::open(dir.path(), 4).unwrap();
+        store
+            .apply(&[delta(
+                "catalog",
+                0,
+                vec![
+                    change("a", 1, Some(r#"{"id":"a","ean13":"111"}"#)),
+                    change("b", 2, Some(r#"{"id":"b","ean13":{"bad":1}}"#)),
+                    change("c", 3, Some(r#"{"id":"c","ean13":"333"}"#)),
+                ],
+                3,
+            )])
+            .unwrap();
+        assert!(store.get_by("catalog", "ean13", "111").unwrap().is_some());
+        assert!(store.get("catalog", "b").unwrap().is_none());
+        assert_eq!(store.quarantined("catalog").unwrap().len(), 1);
+        let state = &store.modules().unwrap()["catalog"];
+        assert_eq!((state.cursor, state.records, state.quarantined), (3, 2, 1));
+
+        // An EAN moves from a to c's old value: the index follows, deletes clean up.
+        store
+            .apply(&[delta(
+                "catalog",
+                3,
+                vec![
+                    change("c", 4, None),
+                    change("a", 5, Some(r#"{"id":"a","ean13":"333"}"#)),
+                    change("b", 6, Some(r#"{"id":"b","ean13":"222"}"#)),
+                ],
+                6,
+            )])
+            .unwrap();
+        assert_eq!(
+            store.get_by("catalog", "ean13", "333").unwrap().as_deref(),
+            Some(r#"{"ean13":"333","id":"a"}"#)
+        );
+        assert!(store.get_by("catalog", "ean13", "111").unwrap().is_none());
+        assert!(store.get("catalog", "c").unwrap().is_none());
+        let state = &store.modules().unwrap()["catalog"];
+        assert_eq!((state.cursor, state.records, state.quarantined), (6, 2, 0));
+
+        // A delta computed from an old cursor is dropped.
+        let out = store
+            .apply(&[delta("catalog", 3, vec![change("z", 9, Some(r#"{"id":"z"}"#))], 9)])
+            .unwrap();
+        assert!(out[0].stale);
+        assert!(store.get("catalog", "z").unwrap().is_none());
+    }
+
+    #[test]
+    fn snapshots_replace_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BoxStore::open(dir.path(), 4).unwrap();
+        store
+            .apply(&[delta(
+                "catalog",
+                0,
+                vec![
+                    change("a", 1, Some(r#"{"id":"a","ean13":"1"}"#)),
+                    change("b", 2, Some(r#"{"id":"b","ean13":"2"}"#)),
+                ],
+                2,
+            )])
+            .unwrap();
+        let snapshot = ModuleApply {
+            module: "catalog".into(),
+            indexes: vec!["ean13".into()],
+            kind: ApplyKind::Snapshot {
+                records: vec![
+                    ("a".into(), r#"{"ean13":"1","id":"a"}"#.into()),
+                    ("c".into(), r#"{"ean13":"3","id":"c"}"#.into()),
+                ],
+                cursor: 10,
+            },
+            now_ms: 2,
+        };
+        let out = store.apply(std::slice::from_ref(&snapshot)).unwrap();
+        assert_eq!((out[0].upserted, out[0].deleted, out[0].unchanged), (1, 1, 1));
+        let ids: Vec<_> = store.all("catalog").unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert!(store.get_by("catalog", "ean13", "2").unwrap().is_none());
+        assert_eq!(store.modules().unwrap()["catalog"].records, 2);
+    }
+
+    #[tokio::test]
+    async fn activity_is_stored_once_and_counted_pending_until_pushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BoxStore::open(dir.path(), 4).unwrap();
+        let writer = store.start_activity_writer(8);
+        let ev = |id: &str| StoredEvent {
+            id: id.into(),
+            received_at_ms: 5,
+            event: format!(r#"{{"id":"{id}"}}"#),
+        };
+        assert_eq!(writer.store(ev("x")).await.unwrap(), Stored::New { seq: 1 });
+        assert_eq!(writer.store(ev("y")).await.unwrap(), Stored::New { seq: 2 });
+        assert_eq!(
+            writer.store(ev("x")).await.unwrap(),
+            Stored::Duplicate { seq: 1 }
+        );
+        assert_eq!(store.pending_activity().unwrap().pending, 2);
+        let unpushed = store.unpushed(1).unwrap();
+        assert_eq!(unpushed[0].1.id, "x");
+        store.mark_pushed(1).unwrap();
+        let pending = store.pending_activity().unwrap();
+        assert_eq!((pending.pending, pending.pushed_through), (1, 1));
+    }
+}
