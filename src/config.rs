@@ -206,7 +206,10 @@ impl BoxConfig {
         self.delta_interval()?;
         self.hub_timeout()?;
         if !self.hub.url.starts_with("https://") {
-            bail!("[hub] url must start with https:// (got {:?})", self.hub.url);
+            bail!(
+                "[hub] url must start with https:// (got {:?})",
+                self.hub.url
+            );
         }
         if self.hub.credential.is_none() && self.hub.credential_file.is_none() {
             bail!("[hub] needs credential or credential_file");
@@ -358,7 +361,11 @@ credential = "secret"
     fn bad_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("storebox.toml");
-        std::fs::write(&path, format!("{MINIMAL}\n[sync]\nfull_sync_at = [\"7h\"]\n")).unwrap();
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}\n[sync]\nfull_sync_at = [\"7h\"]\n"),
+        )
+        .unwrap();
         let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
         assert!(e.contains("full_sync_at"), "{e}");
         std::fs::write(&path, format!("{MINIMAL}\n[sync]\nflul_sync = 1\n")).unwrap();

@@ -61,10 +61,7 @@ pub async fn handle(state: Arc<LanState>, req: Request<Incoming>) -> Response<Bo
         (&Method::GET, ["v1", "promotions"]) => promotions(&state, query.as_deref()),
         (&Method::GET, ["v1", module, "by", field, value]) => lookup(&state, module, field, value),
         (&Method::GET, ["v1", module, alias, value]) if alias.starts_with("by-") => {
-            match ALIASES
-                .iter()
-                .find(|(m, a, _)| m == module && a == alias)
-            {
+            match ALIASES.iter().find(|(m, a, _)| m == module && a == alias) {
                 Some((_, _, field)) => lookup(&state, module, field, value),
                 None => not_found("no_route", format!("no lookup {alias} for module {module}")),
             }
@@ -92,7 +89,7 @@ fn raw_json(text: String) -> Response<Body> {
     Response::builder()
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Body::new(Bytes::from(text)))
-        .unwrap_or_else(|e| storage_error(e))
+        .unwrap_or_else(storage_error)
 }
 
 fn known_module(state: &LanState, module: &str) -> Result<(), Response<Body>> {

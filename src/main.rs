@@ -19,7 +19,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::BoxConfig;
 
 #[derive(Parser)]
-#[command(name = "storebox", version, about = "The in-store appliance: serves tills, syncs with storehub")]
+#[command(
+    name = "storebox",
+    version,
+    about = "The in-store appliance: serves tills, syncs with storehub"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -285,7 +289,11 @@ fn render_report(report: &serde_json::Value) -> String {
             out += &format!(
                 "  {:<12} {} upserted {}, deleted {}, unchanged {}, quarantined {}{}{}\n",
                 name,
-                if m["ok"].as_bool() == Some(true) { "ok    " } else { "FAILED" },
+                if m["ok"].as_bool() == Some(true) {
+                    "ok    "
+                } else {
+                    "FAILED"
+                },
                 text(&m["upserted"]),
                 text(&m["deleted"]),
                 text(&m["unchanged"]),

@@ -401,9 +401,12 @@ impl Tables<'_> {
                 for change in changes {
                     match &change.record {
                         Some(json) => {
-                            changed |= self.upsert(m, &change.id, json, &state.indexes, &mut applied)?
+                            changed |=
+                                self.upsert(m, &change.id, json, &state.indexes, &mut applied)?
                         }
-                        None => changed |= self.delete(m, &change.id, &state.indexes, &mut applied)?,
+                        None => {
+                            changed |= self.delete(m, &change.id, &state.indexes, &mut applied)?
+                        }
                     }
                 }
                 state.cursor = *cursor;
@@ -427,7 +430,11 @@ impl Tables<'_> {
                 }
                 // Quarantine entries of records gone from the hub go too.
                 let mut gone = Vec::new();
-                for entry in self.quarantine.range((m, "")..).ctx("scanning quarantine")? {
+                for entry in self
+                    .quarantine
+                    .range((m, "")..)
+                    .ctx("scanning quarantine")?
+                {
                     let (key, _) = entry.ctx("reading quarantine")?;
                     let (km, id) = key.value();
                     if km != m {
@@ -463,8 +470,9 @@ impl Tables<'_> {
                     || b.last_full_ok_ms != state.last_full_ok_ms
             });
             if changed || cursor_or_counts_moved {
-                let bytes = postcard::to_stdvec(&state)
-                    .map_err(|_| StorageError::Corrupt { what: "module state" })?;
+                let bytes = postcard::to_stdvec(&state).map_err(|_| StorageError::Corrupt {
+                    what: "module state",
+                })?;
                 self.modules
                     .insert(m, bytes.as_slice())
                     .ctx("writing a module state")?;
@@ -476,7 +484,11 @@ impl Tables<'_> {
 
     fn quarantine_count(&self, module: &str) -> Result<u64, StorageError> {
         let mut n = 0;
-        for entry in self.quarantine.range((module, "")..).ctx("scanning quarantine")? {
+        for entry in self
+            .quarantine
+            .range((module, "")..)
+            .ctx("scanning quarantine")?
+        {
             let (key, _) = entry.ctx("reading quarantine")?;
             if key.value().0 != module {
                 break;
@@ -635,7 +647,10 @@ fn validate(
         serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
     let record = proto::canonical_record(&value).map_err(|e| e.to_string())?;
     if record.id != id {
-        return Err(format!("the record's id {:?} differs from the change's", record.id));
+        return Err(format!(
+            "the record's id {:?} differs from the change's",
+            record.id
+        ));
     }
     let mut keys = Vec::new();
     for field in indexes {
@@ -759,8 +774,8 @@ fn write_batch(db: &Database, batch: &[WriteRequest]) -> Result<Vec<Stored>, Sto
                 outcomes.push(Stored::Duplicate { seq: seq.value() });
                 continue;
             }
-            let bytes = postcard::to_stdvec(event)
-                .map_err(|_| StorageError::Corrupt { what: "event" })?;
+            let bytes =
+                postcard::to_stdvec(event).map_err(|_| StorageError::Corrupt { what: "event" })?;
             activity
                 .insert(next, bytes.as_slice())
                 .ctx("storing an event")?;
@@ -847,7 +862,12 @@ mod tests {
 
         // A delta computed from an old cursor is dropped.
         let out = store
-            .apply(&[delta("catalog", 3, vec![change("z", 9, Some(r#"{"id":"z"}"#))], 9)])
+            .apply(&[delta(
+                "catalog",
+                3,
+                vec![change("z", 9, Some(r#"{"id":"z"}"#))],
+                9,
+            )])
             .unwrap();
         assert!(out[0].stale);
         assert!(store.get("catalog", "z").unwrap().is_none());
@@ -881,8 +901,16 @@ mod tests {
             now_ms: 2,
         };
         let out = store.apply(std::slice::from_ref(&snapshot)).unwrap();
-        assert_eq!((out[0].upserted, out[0].deleted, out[0].unchanged), (1, 1, 1));
-        let ids: Vec<_> = store.all("catalog").unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(
+            (out[0].upserted, out[0].deleted, out[0].unchanged),
+            (1, 1, 1)
+        );
+        let ids: Vec<_> = store
+            .all("catalog")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(ids, ["a", "c"]);
         assert!(store.get_by("catalog", "ean13", "2").unwrap().is_none());
         assert_eq!(store.modules().unwrap()["catalog"].records, 2);

@@ -90,8 +90,7 @@ impl HubTarget {
         let certs = CertificateDer::pem_file_iter(ca_file)
             .with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
         for cert in certs {
-            let cert =
-                cert.with_context(|| format!("parsing the hub CA {}", ca_file.display()))?;
+            let cert = cert.with_context(|| format!("parsing the hub CA {}", ca_file.display()))?;
             roots
                 .add(cert)
                 .with_context(|| format!("loading the hub CA {}", ca_file.display()))?;
@@ -252,10 +251,7 @@ impl AsyncWrite for Counted {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

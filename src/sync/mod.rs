@@ -228,7 +228,10 @@ impl SyncEngine {
 
     async fn delta_task(self: Arc<Self>, mut orders: mpsc::Receiver<Reply>) {
         let mut failures = 0u32;
-        let mut next = self.settings.delta_interval.map(|i| tokio::time::Instant::now() + i);
+        let mut next = self
+            .settings
+            .delta_interval
+            .map(|i| tokio::time::Instant::now() + i);
         loop {
             let sleep = async {
                 match next {
@@ -295,8 +298,7 @@ impl SyncEngine {
 
     async fn modules(
         &self,
-    ) -> Result<BTreeMap<String, crate::storage::ModuleState>, crate::storage::StorageError>
-    {
+    ) -> Result<BTreeMap<String, crate::storage::ModuleState>, crate::storage::StorageError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.modules())
             .await
@@ -378,8 +380,10 @@ impl SyncEngine {
                         continue;
                     }
                     let entry = report.modules.entry(frame.module.clone()).or_default();
-                    match proto::decode_plain::<proto::ModuleDelta>(&frame.payload, "a module delta")
-                    {
+                    match proto::decode_plain::<proto::ModuleDelta>(
+                        &frame.payload,
+                        "a module delta",
+                    ) {
                         Ok(proto::ModuleDelta::Changes {
                             changes,
                             cursor,
@@ -390,9 +394,7 @@ impl SyncEngine {
                                 module: frame.module.clone(),
                                 indexes: frame.indexes,
                                 kind: ApplyKind::Delta {
-                                    from_cursor: modules
-                                        .get(&frame.module)
-                                        .map_or(0, |m| m.cursor),
+                                    from_cursor: modules.get(&frame.module).map_or(0, |m| m.cursor),
                                     changes,
                                     cursor,
                                 },
@@ -448,7 +450,8 @@ impl SyncEngine {
         };
         let result: Result<(), String> = async {
             report.activity_pushed = self.push_pending().await?;
-            let body = proto::encode(&proto::FullRequest { modules }, 3).map_err(|e| e.to_string())?;
+            let body =
+                proto::encode(&proto::FullRequest { modules }, 3).map_err(|e| e.to_string())?;
             let answer = self.call(&self.full_link, proto::PATH_FULL, body).await?;
             let now = hub_or_local_time(answer.hub_time_ms);
             let mut applies = Vec::new();
@@ -458,8 +461,10 @@ impl SyncEngine {
                     continue;
                 }
                 let entry = report.modules.entry(frame.module.clone()).or_default();
-                match proto::decode_plain::<proto::ModuleSnapshot>(&frame.payload, "a module snapshot")
-                {
+                match proto::decode_plain::<proto::ModuleSnapshot>(
+                    &frame.payload,
+                    "a module snapshot",
+                ) {
                     Ok(proto::ModuleSnapshot::Records { records, cursor }) => {
                         applies.push(ModuleApply {
                             module: frame.module,
@@ -524,7 +529,11 @@ impl SyncEngine {
         })
     }
 
-    async fn apply(&self, applies: Vec<ModuleApply>, report: &mut SyncReport) -> Result<(), String> {
+    async fn apply(
+        &self,
+        applies: Vec<ModuleApply>,
+        report: &mut SyncReport,
+    ) -> Result<(), String> {
         if applies.is_empty() {
             return Ok(());
         }

@@ -191,7 +191,10 @@ pub async fn call(
         builder = builder.header(*name, *value);
     }
     let request = builder.body(Full::new(body)).map_err(CallError::Request)?;
-    let response = sender.send_request(request).await.map_err(CallError::Http)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(CallError::Http)?;
     let status = response.status();
     let body = response
         .into_body()

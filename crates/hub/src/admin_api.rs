@@ -12,8 +12,8 @@ use hyper::Request;
 use serde_json::json;
 use storebox_protocol as proto;
 
-use storebox_http::{self as h, Body};
 use crate::store::{rfc3339, HubStore};
+use storebox_http::{self as h, Body};
 
 /// Largest import body.
 pub const MAX_IMPORT_BODY: usize = 64 * 1024 * 1024;
@@ -31,8 +31,8 @@ pub struct AdminState {
 
 /// Answers one admin request.
 pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
-    let authorised = h::bearer(&req)
-        .is_some_and(|t| crate::secrets_equal(t.as_bytes(), state.token.as_bytes()));
+    let authorised =
+        h::bearer(&req).is_some_and(|t| crate::secrets_equal(t.as_bytes(), state.token.as_bytes()));
     if !authorised {
         return h::error(
             StatusCode::UNAUTHORIZED,
@@ -116,13 +116,15 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
             blocking(state, move |s| put_record(s, &store, &module, &id, &body)).await
         }
         (Method::GET, Route::Record(store, module, id)) => {
-            blocking(state, move |s| match s.store.get_record(&store, &module, &id) {
-                Ok(Some(json)) => Response::builder()
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(json))
-                    .unwrap_or_else(|_| internal("building a response")),
-                Ok(None) => not_found_record(&module, &id),
-                Err(e) => internal(e),
+            blocking(state, move |s| {
+                match s.store.get_record(&store, &module, &id) {
+                    Ok(Some(json)) => Response::builder()
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(json))
+                        .unwrap_or_else(|_| internal("building a response")),
+                    Ok(None) => not_found_record(&module, &id),
+                    Err(e) => internal(e),
+                }
             })
             .await
         }

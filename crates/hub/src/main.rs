@@ -11,7 +11,11 @@ use storehub::store::HubStore;
 use storehub::sync_api::SyncState;
 
 #[derive(Parser)]
-#[command(name = "storehub", version, about = "The storebox platform sync service")]
+#[command(
+    name = "storehub",
+    version,
+    about = "The storebox platform sync service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -582,7 +582,12 @@ impl<'t> ModuleWriter<'t> {
         }
     }
 
-    fn write(&mut self, id: &str, previous: Option<u64>, stored: StoredRecord) -> Result<(), StoreError> {
+    fn write(
+        &mut self,
+        id: &str,
+        previous: Option<u64>,
+        stored: StoredRecord,
+    ) -> Result<(), StoreError> {
         let (s, m) = (self.store.as_str(), self.module.as_str());
         if let Some(seq) = previous {
             self.changes.remove((s, m, seq)).ctx("moving a change")?;
@@ -683,8 +688,9 @@ fn write_head(
     module: &str,
     head: ModuleHead,
 ) -> Result<(), StoreError> {
-    let bytes =
-        postcard::to_stdvec(&head).map_err(|_| StoreError::Corrupt { what: "module head" })?;
+    let bytes = postcard::to_stdvec(&head).map_err(|_| StoreError::Corrupt {
+        what: "module head",
+    })?;
     heads
         .insert((store, module), bytes.as_slice())
         .ctx("writing a module head")?;
@@ -742,9 +748,10 @@ mod tests {
         let (changes, cursor, _) = hub.changes_since("s1", "catalog", 2, 100).unwrap().unwrap();
         assert_eq!(cursor, 5);
         assert_eq!(changes.len(), 2);
-        assert_eq!(changes[0].id, "b");
-        assert_eq!(changes[0].record, None);
-        assert_eq!(changes[1].record.as_deref(), Some(r#"{"id":"a","p":4}"#));
+        // Upserts come first in an import, then the deletions of the replace.
+        assert_eq!(changes[0].record.as_deref(), Some(r#"{"id":"a","p":4}"#));
+        assert_eq!(changes[1].id, "b");
+        assert_eq!(changes[1].record, None);
 
         // Other stores and modules are untouched.
         assert!(hub.snapshot("s2", "catalog").unwrap().0.is_empty());
@@ -756,8 +763,14 @@ mod tests {
     fn pruned_tombstones_force_a_reset_for_old_cursors() {
         let dir = tempfile::tempdir().unwrap();
         let hub = HubStore::open(dir.path()).unwrap();
-        hub.import("s", "m", &[rec(r#"{"id":"a"}"#), rec(r#"{"id":"b"}"#)], false, 0)
-            .unwrap();
+        hub.import(
+            "s",
+            "m",
+            &[rec(r#"{"id":"a"}"#), rec(r#"{"id":"b"}"#)],
+            false,
+            0,
+        )
+        .unwrap();
         assert!(hub.delete_record("s", "m", "a", 100).unwrap());
         assert!(!hub.delete_record("s", "m", "a", 100).unwrap());
         assert_eq!(hub.prune_tombstones(50).unwrap(), 0);

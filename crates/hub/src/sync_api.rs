@@ -12,8 +12,8 @@ use hyper::Request;
 use storebox_protocol as proto;
 
 use crate::config::HubConfig;
-use storebox_http::{self as h, Body};
 use crate::store::HubStore;
+use storebox_http::{self as h, Body};
 
 /// Largest compressed request body a box may send.
 pub const MAX_SYNC_BODY: usize = 64 * 1024 * 1024;
@@ -147,7 +147,10 @@ fn internal(e: impl std::fmt::Display) -> Response<Body> {
     h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e)
 }
 
-fn encode_answer<T: serde::Serialize>(state: &SyncState, answer: &T) -> Result<Vec<u8>, Response<Body>> {
+fn encode_answer<T: serde::Serialize>(
+    state: &SyncState,
+    answer: &T,
+) -> Result<Vec<u8>, Response<Body>> {
     proto::encode(answer, state.config.zstd_level).map_err(internal)
 }
 
@@ -169,7 +172,8 @@ fn frame<T: serde::Serialize>(
 }
 
 fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
-    let request: proto::DeltaRequest = proto::decode(body, "a delta request").map_err(bad_request)?;
+    let request: proto::DeltaRequest =
+        proto::decode(body, "a delta request").map_err(bad_request)?;
     let now = crate::now_ms();
     state
         .store
@@ -191,7 +195,10 @@ fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respons
                 error: "fault injected for tests".into(),
             }
         } else {
-            match state.store.changes_since(store, &module.name, cursor, limit) {
+            match state
+                .store
+                .changes_since(store, &module.name, cursor, limit)
+            {
                 Ok(Some((changes, cursor, more))) => proto::ModuleDelta::Changes {
                     changes,
                     cursor,
@@ -219,7 +226,8 @@ fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respons
 }
 
 fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
-    let request: proto::FullRequest = proto::decode(body, "a full sync request").map_err(bad_request)?;
+    let request: proto::FullRequest =
+        proto::decode(body, "a full sync request").map_err(bad_request)?;
     let now = crate::now_ms();
     state
         .store
@@ -257,7 +265,8 @@ fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response
 }
 
 fn activity(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
-    let batch: proto::ActivityBatch = proto::decode(body, "an activity batch").map_err(bad_request)?;
+    let batch: proto::ActivityBatch =
+        proto::decode(body, "an activity batch").map_err(bad_request)?;
     for event in &batch.events {
         if !proto::is_valid_id(&event.id) {
             return Err(bad_request(format!("event id {:?} is invalid", event.id)));

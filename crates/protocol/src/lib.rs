@@ -303,7 +303,11 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use s, m, h or d)"
+            ))
+        }
     };
     n.checked_mul(factor)
         .map(std::time::Duration::from_secs)

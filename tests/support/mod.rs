@@ -1,0 +1,390 @@
+//! Shared helpers for the end-to-end tests: a real `storehub` and real `storebox` processes
+//! on 127.0.0.1 in a temporary directory, and small HTTP helpers to talk to them.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves nothing running.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::Value;
+
+/// Path of a binary built by this workspace (storebox, storehub), next to the test's own.
+pub fn bin(name: &str) -> PathBuf {
+    let storebox = PathBuf::from(env!("CARGO_BIN_EXE_storebox"));
+    let path = storebox.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP call to a daemon on loopback; the body parsed as JSON when it is JSON.
+pub async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (StatusCode, Value) {
+    let (status, body) = storebox_http::call(addr, method, path, headers, body.into())
+        .await
+        .unwrap_or_else(|e| panic!("calling {addr}{path}: {e}"));
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    (status, value)
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    pub name: &'static str,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { child, name, log }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A storehub set up by `storehub init` in a temporary directory.
+pub struct Hub {
+    pub dir: tempfile::TempDir,
+    pub admin: SocketAddr,
+    pub sync_port: u16,
+    pub token: String,
+    pub env: Vec<(String, String)>,
+    pub proc: Option<Proc>,
+}
+
+impl Hub {
+    /// Initialises a hub for `stores` and starts it.
+    pub async fn start(stores: &[&str]) -> Hub {
+        Hub::start_with_env(stores, &[]).await
+    }
+
+    /// Same, with environment variables for the hub process (test fault switches).
+    pub async fn start_with_env(stores: &[&str], env: &[(&str, &str)]) -> Hub {
+        let dir = tempfile::tempdir().unwrap();
+        let sync_port = free_port();
+        let admin_port = free_port();
+        let lan_port = free_port();
+        let mut init = Command::new(bin("storehub"));
+        init.arg("init")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--hub-port", &sync_port.to_string()])
+            .args(["--admin-port", &admin_port.to_string()])
+            .args(["--lan-port", &lan_port.to_string()]);
+        for store in stores {
+            init.args(["--store", store]);
+        }
+        let out = init.output().unwrap();
+        assert!(
+            out.status.success(),
+            "storehub init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = std::fs::read_to_string(dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let mut hub = Hub {
+            dir,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            sync_port,
+            token,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            proc: None,
+        };
+        hub.restart().await;
+        hub
+    }
+
+    /// Starts (again) the hub process on the same setup and data.
+    pub async fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        let mut command = Command::new(bin("storehub"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("hub.toml"));
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let log = self.dir.path().join(format!("hub-{}.log", free_port()));
+        self.proc = Some(Proc::spawn("storehub", command, log));
+        let admin = self.admin;
+        let token = self.token.clone();
+        wait_for("the hub's admin API", Duration::from_secs(20), || {
+            let token = token.clone();
+            async move {
+                let auth = format!("Bearer {token}");
+                storebox_http::call(
+                    admin,
+                    Method::GET,
+                    "/admin/v1/stores",
+                    &[("authorization", auth.as_str())],
+                    Bytes::new(),
+                )
+                .await
+                .ok()
+                .filter(|(s, _)| s.is_success())
+            }
+        })
+        .await;
+    }
+
+    /// Stops the hub process (the shop's Internet link is down, as far as the box can tell).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn box_config(&self, store: &str) -> PathBuf {
+        self.dir.path().join("boxes").join(format!("{store}.toml"))
+    }
+
+    /// An admin call with the admin token.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, Value) {
+        let auth = format!("Bearer {}", self.token);
+        call(
+            self.admin,
+            method,
+            path,
+            &[("authorization", auth.as_str())],
+            body,
+        )
+        .await
+    }
+
+    /// Imports records into a module; panics unless the hub accepts them.
+    pub async fn import(
+        &self,
+        store: &str,
+        module: &str,
+        records: &[Value],
+        replace: bool,
+    ) -> Value {
+        let body = storebox_sim::to_ndjson(records);
+        let path = format!(
+            "/admin/v1/stores/{store}/modules/{module}/import{}",
+            if replace { "?replace=true" } else { "" }
+        );
+        let (status, answer) = self.admin(Method::POST, &path, body).await;
+        assert_eq!(status, StatusCode::OK, "import into {module}: {answer}");
+        answer
+    }
+
+    /// Imports a whole generated store.
+    pub async fn import_store(&self, store: &str, data: &storebox_sim::Store) {
+        for (module, records) in &data.modules {
+            self.import(store, module, records, false).await;
+        }
+    }
+
+    /// Every activity event the hub holds for a store, in receipt order.
+    pub async fn activity(&self, store: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let (status, page) = self
+                .admin(
+                    Method::GET,
+                    &format!("/admin/v1/stores/{store}/activity?after={after}&limit=1000"),
+                    Bytes::new(),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let events = page["events"].as_array().unwrap().clone();
+            if events.is_empty() {
+                return out;
+            }
+            after = page["next"].as_u64().unwrap();
+            out.extend(events);
+        }
+    }
+}
+
+/// A storebox process for one store of a [`Hub`].
+pub struct StoreBox {
+    pub config: PathBuf,
+    pub lan: SocketAddr,
+    pub proc: Option<Proc>,
+}
+
+impl StoreBox {
+    /// Starts the box of `store` with extra config (a drop-in) such as
+    /// `"[sync]\ndelta_interval = \"off\"\n"`, and waits for its LAN API. The drop-in
+    /// directory is shared by every box config of the hub's setup, so tests run one store
+    /// per hub.
+    pub async fn start(hub: &Hub, store: &str, dropin: &str) -> StoreBox {
+        let config = hub.box_config(store);
+        let dir = config.parent().unwrap().join("storebox.d");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("50-{store}-test.toml")), dropin).unwrap();
+        let text = std::fs::read_to_string(&config).unwrap();
+        let listen = text
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut b = StoreBox {
+            config,
+            lan: listen,
+            proc: None,
+        };
+        b.restart().await;
+        b
+    }
+
+    /// Starts (again) the box process.
+    pub async fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        let mut command = Command::new(bin("storebox"));
+        command.arg("serve").arg("--config").arg(&self.config);
+        let log = self
+            .config
+            .with_file_name(format!("box-{}.log", free_port()));
+        self.proc = Some(Proc::spawn("storebox", command, log));
+        let lan = self.lan;
+        wait_for(
+            "the box's LAN API",
+            Duration::from_secs(20),
+            || async move {
+                storebox_http::call(lan, Method::GET, "/v1/status", &[], Bytes::new())
+                    .await
+                    .ok()
+                    .filter(|(s, _)| s.is_success())
+            },
+        )
+        .await;
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        call(self.lan, Method::GET, path, &[], Bytes::new()).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> (StatusCode, Value) {
+        call(self.lan, Method::POST, path, &[], body).await
+    }
+
+    pub async fn status(&self) -> Value {
+        let (status, doc) = self.get("/v1/status").await;
+        assert_eq!(status, StatusCode::OK);
+        doc
+    }
+
+    /// Waits until every one of `modules` has completed a full sync.
+    pub async fn wait_full_sync(&self, modules: &[&str]) -> Value {
+        wait_for(
+            "a full sync of every module",
+            Duration::from_secs(60),
+            || async {
+                let doc = self.status().await;
+                modules
+                    .iter()
+                    .all(|m| doc["modules"][m]["last_full_ok"].is_string())
+                    .then_some(doc)
+            },
+        )
+        .await
+    }
+
+    /// Waits until no activity is pending.
+    pub async fn wait_pushed(&self, timeout: Duration) -> Value {
+        wait_for("all activity pushed", timeout, || async {
+            let doc = self.status().await;
+            (doc["activity"]["pending"] == 0).then_some(doc)
+        })
+        .await
+    }
+
+    /// Runs a `storebox` command against this box's config, returning (success, stdout).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(bin("storebox"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
