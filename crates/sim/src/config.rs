@@ -176,7 +176,11 @@ fn tills_and_devices(rng: &mut SplitMix64) -> Vec<Value> {
             "scale": if kind == "standard" { json!(format!("scale-{n:02}")) } else { Value::Null },
             "cash_drawer": kind != "self-checkout",
             "customer_display": true,
-            "keyboard": match kind { "self-checkout" => "keyboard-self", "express" => "keyboard-express", _ => "keyboard-standard" },
+            "keyboard": match kind {
+                "self-checkout" => "keyboard-self",
+                "express" => "keyboard-express",
+                _ => "keyboard-standard",
+            },
             "address": format!("192.168.20.{}", 100 + n),
             "hostname": format!("caisse-{n:02}.magasin.lan"),
         }));
@@ -224,7 +228,13 @@ fn tills_and_devices(rng: &mut SplitMix64) -> Vec<Value> {
             "Transfert thermique",
         ),
     ] {
-        out.push(json!({ "id": id, "kind": "printer", "label": label, "model": model, "till": Value::Null }));
+        out.push(json!({
+            "id": id,
+            "kind": "printer",
+            "label": label,
+            "model": model,
+            "till": Value::Null,
+        }));
     }
     out
 }
@@ -262,7 +272,8 @@ fn payment_methods() -> Vec<Value> {
                 "requires_terminal": terminal,
                 // Meal vouchers only pay for food: the till checks the VAT
                 // rate of each line against this list.
-                "eligible_vat_rates": if code == "meal-voucher" { json!([5.5, 10.0]) } else { Value::Null },
+                "eligible_vat_rates":
+                    if code == "meal-voucher" { json!([5.5, 10.0]) } else { Value::Null },
             })
         })
         .collect()
@@ -292,20 +303,41 @@ fn tax_rates() -> Vec<Value> {
 fn currencies() -> Vec<Value> {
     vec![
         json!({
-            "id": "currency-eur", "kind": "currency", "code": "EUR", "symbol": "€", "default": true,
-            "rate": 1.0, "accepted": true,
+            "id": "currency-eur",
+            "kind": "currency",
+            "code": "EUR",
+            "symbol": "€",
+            "default": true,
+            "rate": 1.0,
+            "accepted": true,
             "coins_cents": [1, 2, 5, 10, 20, 50, 100, 200],
             "notes_cents": [500, 1_000, 2_000, 5_000, 10_000, 20_000],
             // Rounding of cash totals is not used in France (unlike CH).
             "cash_rounding_cents": 1,
         }),
         json!({
-            "id": "currency-chf", "kind": "currency", "code": "CHF", "symbol": "CHF", "default": false,
-            "rate": 0.94, "accepted": false, "coins_cents": [], "notes_cents": [], "cash_rounding_cents": 5,
+            "id": "currency-chf",
+            "kind": "currency",
+            "code": "CHF",
+            "symbol": "CHF",
+            "default": false,
+            "rate": 0.94,
+            "accepted": false,
+            "coins_cents": [],
+            "notes_cents": [],
+            "cash_rounding_cents": 5,
         }),
         json!({
-            "id": "currency-gbp", "kind": "currency", "code": "GBP", "symbol": "£", "default": false,
-            "rate": 1.17, "accepted": false, "coins_cents": [], "notes_cents": [], "cash_rounding_cents": 1,
+            "id": "currency-gbp",
+            "kind": "currency",
+            "code": "GBP",
+            "symbol": "£",
+            "default": false,
+            "rate": 1.17,
+            "accepted": false,
+            "coins_cents": [],
+            "notes_cents": [],
+            "cash_rounding_cents": 1,
         }),
     ]
 }
@@ -319,7 +351,9 @@ fn departments() -> Vec<Value> {
                 .subs
                 .iter()
                 .enumerate()
-                .map(|(j, sub)| json!({ "code": format!("{:02}{:02}", i + 1, j + 1), "label": sub.name }))
+                .map(|(j, sub)| {
+                    json!({ "code": format!("{:02}{:02}", i + 1, j + 1), "label": sub.name })
+                })
                 .collect();
             json!({
                 "id": format!("dept-{:02}", i + 1),
@@ -420,7 +454,13 @@ fn roles() -> Vec<Value> {
     ROLES
         .iter()
         .map(|&(code, label, perms)| {
-            json!({ "id": format!("role-{code}"), "kind": "role", "code": code, "label": label, "permissions": perms })
+            json!({
+                "id": format!("role-{code}"),
+                "kind": "role",
+                "code": code,
+                "label": label,
+                "permissions": perms,
+            })
         })
         .collect()
 }
@@ -482,7 +522,11 @@ pub(crate) fn user(
         "pin_salt": hex(rng, 8),
         "pin_hash": hex(rng, 32),
         "tills": if role == "stocker" { json!([]) } else { json!("all") },
-        "max_discount_percent": match role { "cashier" | "stocker" => 0, "supervisor" => 20, _ => 50 },
+        "max_discount_percent": match role {
+            "cashier" | "stocker" => 0,
+            "supervisor" => 20,
+            _ => 50,
+        },
         "contract": contract,
         "weekly_hours": hours,
         "hired": hired.format("%Y-%m-%d").to_string(),
@@ -532,25 +576,51 @@ fn receipts(identity: &Identity) -> Vec<Value> {
         json!({
             "id": "receipt-return",
             "kind": "receipt-template",
-            "lines": ["AVOIR / RETOUR", "Motif : {reason}", "Ticket d'origine : {original_receipt}", "Validé par : {supervisor}", "Avoir valable 1 an, non remboursable."],
+            "lines": [
+                "AVOIR / RETOUR",
+                "Motif : {reason}",
+                "Ticket d'origine : {original_receipt}",
+                "Validé par : {supervisor}",
+                "Avoir valable 1 an, non remboursable.",
+            ],
             "align": "left",
         }),
         json!({
             "id": "receipt-gift",
             "kind": "receipt-template",
-            "lines": ["TICKET CADEAU", "Prix non indiqués", "Échange possible sous 60 jours avec ce ticket.", "Joyeuses fêtes de la part de toute l'équipe !"],
+            "lines": [
+                "TICKET CADEAU",
+                "Prix non indiqués",
+                "Échange possible sous 60 jours avec ce ticket.",
+                "Joyeuses fêtes de la part de toute l'équipe !",
+            ],
             "align": "center",
         }),
         json!({
             "id": "receipt-loyalty",
             "kind": "receipt-template",
-            "lines": ["Carte fidélité : {card}", "Points gagnés : {points_earned}", "Nouveau solde : {points_balance} points", "Statut : {tier}", "{next_tier_message}"],
+            "lines": [
+                "Carte fidélité : {card}",
+                "Points gagnés : {points_earned}",
+                "Nouveau solde : {points_balance} points",
+                "Statut : {tier}",
+                "{next_tier_message}",
+            ],
             "align": "left",
         }),
         json!({
             "id": "receipt-z-report",
             "kind": "receipt-template",
-            "lines": ["RAPPORT Z - CLÔTURE", "Caisse {till} - {date}", "Nombre de tickets : {count}", "Total TTC : {total}", "{vat_breakdown}", "{payment_breakdown}", "Écart de caisse : {cash_difference}", "Signature : {manager}"],
+            "lines": [
+                "RAPPORT Z - CLÔTURE",
+                "Caisse {till} - {date}",
+                "Nombre de tickets : {count}",
+                "Total TTC : {total}",
+                "{vat_breakdown}",
+                "{payment_breakdown}",
+                "Écart de caisse : {cash_difference}",
+                "Signature : {manager}",
+            ],
             "align": "left",
         }),
     ]
@@ -749,8 +819,15 @@ fn keyboards(catalog: &[Value]) -> Vec<Value> {
                 .map(|(i, p)| {
                     let sub = p["subfamily"].as_str().unwrap_or_default();
                     let colour = subs.iter().position(|s| *s == sub).unwrap_or(0) % palette.len();
-                    let text: String = p["label"].as_str().unwrap_or_default().chars().take(22).collect();
-                    json!({ "pos": i + 1, "text": text, "product": p["id"], "colour": palette[colour] })
+                    // Key caps fit about 22 characters.
+                    let label = p["label"].as_str().unwrap_or_default();
+                    let text: String = label.chars().take(22).collect();
+                    json!({
+                        "pos": i + 1,
+                        "text": text,
+                        "product": p["id"],
+                        "colour": palette[colour],
+                    })
                 })
                 .collect();
             json!({ "id": id, "kind": "keyboard", "label": label, "columns": 6, "keys": keys })
@@ -819,10 +896,26 @@ fn barcode_rules() -> Vec<Value> {
 
 /// Containers the scales subtract from weighed items.
 fn tares() -> Vec<Value> {
-    [("sachet-papier", "Sachet papier", 4), ("sachet-kraft", "Sac kraft", 12), ("barquette-carton", "Barquette carton", 18), ("barquette-pla", "Barquette PLA", 9), ("bocal-verre", "Bocal verre client", 310), ("boite-inox", "Boîte inox client", 180), ("filet-coton", "Filet coton", 22), ("bouteille-1l", "Bouteille verre 1 l", 450)]
+    const TARES: &[(&str, &str, u64)] = &[
+        ("sachet-papier", "Sachet papier", 4),
+        ("sachet-kraft", "Sac kraft", 12),
+        ("barquette-carton", "Barquette carton", 18),
+        ("barquette-pla", "Barquette PLA", 9),
+        ("bocal-verre", "Bocal verre client", 310),
+        ("boite-inox", "Boîte inox client", 180),
+        ("filet-coton", "Filet coton", 22),
+        ("bouteille-1l", "Bouteille verre 1 l", 450),
+    ];
+    TARES
         .iter()
         .map(|&(code, label, grams)| {
-            json!({ "id": format!("tare-{code}"), "kind": "tare", "label": label, "grams": grams, "allowed_on": ["scale", "self-checkout"] })
+            json!({
+                "id": format!("tare-{code}"),
+                "kind": "tare",
+                "label": label,
+                "grams": grams,
+                "allowed_on": ["scale", "self-checkout"],
+            })
         })
         .collect()
 }

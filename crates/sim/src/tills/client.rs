@@ -36,7 +36,10 @@ impl Endpoint {
             .parse()
             .with_context(|| format!("invalid box URL {url:?}"))?;
         if uri.scheme_str() != Some("http") {
-            bail!("box URL {url:?} must start with http:// (the till API is plain HTTP/1.1 on the shop LAN)");
+            bail!(
+                "box URL {url:?} must start with http:// \
+                 (the till API is plain HTTP/1.1 on the shop LAN)"
+            );
         }
         let authority = uri
             .authority()

@@ -135,7 +135,8 @@ pub async fn run(
             _ = ticker.tick() => {
                 if opts.report_every.is_some() {
                     let reports = snapshot(&all_stats);
-                    print_reports(&format!("after {:.0}s", started.elapsed().as_secs_f64()), &reports);
+                    let title = format!("after {:.0}s", started.elapsed().as_secs_f64());
+                    print_reports(&title, &reports);
                 }
             }
         }
@@ -237,7 +238,10 @@ pub fn print_reports(title: &str, reports: &[TillReport]) {
         errors,
     );
     if errors > 0 {
-        println!("!!! {errors} ERRORS (connection failures, timeouts or unexpected answers; see last error per till)");
+        println!(
+            "!!! {errors} ERRORS (connection failures, timeouts or unexpected answers; \
+             see the last error of each till)"
+        );
     }
 }
 

@@ -133,7 +133,8 @@ impl fmt::Display for TillReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:<8} sales {:>7} (replays {})  lookups {:>8} (not found {})  errors {:>5}  lookup p50/p99 {}/{} ms  post p50/p99 {}/{} ms",
+            "{:<8} sales {:>7} (replays {})  lookups {:>8} (not found {})  errors {:>5}  \
+             lookup p50/p99 {}/{} ms  post p50/p99 {}/{} ms",
             self.till,
             self.sales,
             self.replays,

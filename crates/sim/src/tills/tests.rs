@@ -219,15 +219,22 @@ async fn tills_keep_going_while_the_box_restarts() {
         .await
         .local_addr()
         .unwrap();
-    let tills = tokio::spawn(run(options(addr, 2, 3.0, 20.0), std::future::pending()));
+    let tills = tokio::spawn(run(options(addr, 2, 4.0, 20.0), std::future::pending()));
 
     tokio::time::sleep(Duration::from_millis(600)).await;
     let server = serve(bind(addr).await, Arc::clone(&state));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Wait for real selling (store generation is slow in debug builds on a
+    // busy machine), then take the box down for a while.
+    for _ in 0..200 {
+        if state.sales.lock().unwrap().len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.abort();
     let _ = server.await;
     let before_restart = state.sales.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let server = serve(bind(addr).await, Arc::clone(&state));
 
     let reports = tills.await.unwrap().unwrap();
