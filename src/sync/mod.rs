@@ -174,19 +174,20 @@ impl SyncEngine {
             Ok(modules) => plan::needs_initial_full(&modules),
             Err(_) => true,
         };
-        let mut retry_at: Option<tokio::time::Instant> = None;
+        // After a failure only what failed is fetched again: one module the hub cannot serve
+        // must not make the box download the whole store at every retry.
+        let mut retry: Option<(tokio::time::Instant, Vec<String>)> = None;
         loop {
             let now = chrono::Local::now();
             let scheduled = plan::next_full_sync(now.naive_local(), &self.settings.full_sync_at)
                 .and_then(|next| (next - now.naive_local()).to_std().ok())
                 .map(|wait| tokio::time::Instant::now() + wait);
-            let wake = if due_now {
-                Some(tokio::time::Instant::now())
-            } else {
-                match (scheduled, retry_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+            // What to sync when the timer fires, and when it fires.
+            let (wake, timed_modules) = match (due_now, scheduled, &retry) {
+                (true, _, _) => (Some(tokio::time::Instant::now()), Vec::new()),
+                (false, Some(at), Some((r, modules))) if *r < at => (Some(*r), modules.clone()),
+                (false, None, Some((r, modules))) => (Some(*r), modules.clone()),
+                (false, at, _) => (at, Vec::new()),
             };
             let sleep = async {
                 match wake {
@@ -195,30 +196,44 @@ impl SyncEngine {
                 }
             };
             let (modules, reply) = tokio::select! {
-                _ = sleep => (Vec::new(), None),
+                _ = sleep => (timed_modules, None),
                 order = orders.recv() => match order {
                     Some(order) => (order.modules, order.reply),
                     None => return,
                 },
             };
-            let report = self.run_full(modules).await;
+            let report = self.run_full(modules.clone()).await;
+            due_now = false;
             if report.ok {
                 failures = 0;
-                retry_at = None;
-                due_now = false;
+                retry = None;
             } else {
-                due_now = false;
                 let wait = plan::backoff(failures, MAX_BACKOFF, plan::jitter());
                 failures = failures.saturating_add(1);
-                retry_at = Some(tokio::time::Instant::now() + wait);
+                let again = if report.error.is_some() {
+                    modules
+                } else {
+                    report
+                        .modules
+                        .iter()
+                        .filter(|(_, m)| m.error.is_some())
+                        .map(|(name, _)| name.clone())
+                        .collect()
+                };
                 tracing::warn!(
-                    "full sync incomplete, retrying in {}s: {}",
+                    "full sync incomplete, retrying {} in {}s: {}",
+                    if again.is_empty() {
+                        "every module".to_owned()
+                    } else {
+                        again.join(", ")
+                    },
                     wait.as_secs(),
                     report
                         .error
                         .clone()
                         .unwrap_or_else(|| "some modules failed".into())
                 );
+                retry = Some((tokio::time::Instant::now() + wait, again));
             }
             if let Some(reply) = reply {
                 let _ = reply.send(report);
