@@ -508,23 +508,6 @@ impl HubStore {
         cursors: Option<&[ModuleCursor]>,
         ack: Option<&storebox_protocol::Ack>,
     ) -> Result<(), StoreError> {
-        let mut report = self.box_report(store)?;
-        report.last_contact_ms = Some(now_ms);
-        if let Some(cursors) = cursors {
-            for c in cursors {
-                report.cursors.insert(c.module.clone(), c.cursor);
-            }
-        }
-        if let Some(ack) = ack {
-            for c in &ack.cursors {
-                report.cursors.insert(c.module.clone(), c.cursor);
-            }
-            report.pending_activity = Some(ack.pending_activity);
-            report.box_version = Some(ack.box_version.clone());
-            report.last_full_sync_ms = Some(now_ms);
-        }
-        let bytes =
-            serde_json::to_vec(&report).map_err(|_| StoreError::Corrupt { what: "box report" })?;
         let mut txn = self.db.begin_write().ctx("starting a contact write")?;
         // Contact times are bookkeeping, not data a box depends on: losing the last one on a
         // crash is harmless, so this write does not wait for the disk.
@@ -532,6 +515,29 @@ impl HubStore {
             .ctx("setting durability")?;
         {
             let mut reports = txn.open_table(BOX_REPORTS).ctx("opening box reports")?;
+            // Read and written in one transaction, so the delta and push processes of one box
+            // reporting at the same moment cannot undo each other's update.
+            let mut report: BoxReport = match reports.get(store).ctx("reading a box report")? {
+                Some(v) => serde_json::from_slice(v.value())
+                    .map_err(|_| StoreError::Corrupt { what: "box report" })?,
+                None => BoxReport::default(),
+            };
+            report.last_contact_ms = Some(now_ms);
+            if let Some(cursors) = cursors {
+                for c in cursors {
+                    report.cursors.insert(c.module.clone(), c.cursor);
+                }
+            }
+            if let Some(ack) = ack {
+                for c in &ack.cursors {
+                    report.cursors.insert(c.module.clone(), c.cursor);
+                }
+                report.pending_activity = Some(ack.pending_activity);
+                report.box_version = Some(ack.box_version.clone());
+                report.last_full_sync_ms = Some(now_ms);
+            }
+            let bytes = serde_json::to_vec(&report)
+                .map_err(|_| StoreError::Corrupt { what: "box report" })?;
             reports
                 .insert(store, bytes.as_slice())
                 .ctx("writing a box report")?;
