@@ -86,6 +86,10 @@ pub struct StorageConfig {
     /// Most activity events gathered into one durable commit.
     #[serde(default = "default_activity_batch")]
     pub activity_batch_max: usize,
+    /// How long the activity writer waits for more posts after the first of a commit
+    /// ("0" waits for nothing: posts arriving during a commit join the next one anyway).
+    #[serde(default = "default_activity_window")]
+    pub activity_batch_window: String,
 }
 
 fn default_hub_timeout() -> String {
@@ -115,6 +119,9 @@ fn default_cache_mib() -> usize {
 fn default_activity_batch() -> usize {
     512
 }
+fn default_activity_window() -> String {
+    "0".into()
+}
 
 impl Default for LanConfig {
     fn default() -> Self {
@@ -141,6 +148,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mib: default_cache_mib(),
             activity_batch_max: default_activity_batch(),
+            activity_batch_window: default_activity_window(),
         }
     }
 }
@@ -217,6 +225,7 @@ impl BoxConfig {
         if self.storage.cache_mib == 0 || self.storage.activity_batch_max == 0 {
             bail!("[storage] cache_mib and activity_batch_max must be at least 1");
         }
+        self.activity_batch_window()?;
         if self.sync.push_batch == 0 {
             bail!("[sync] push_batch must be at least 1");
         }
@@ -248,6 +257,13 @@ impl BoxConfig {
         Ok(Some(d))
     }
 
+    /// How long the activity writer gathers posts for one commit.
+    pub fn activity_batch_window(&self) -> anyhow::Result<Duration> {
+        parse_millis(&self.storage.activity_batch_window).with_context(|| {
+            "[storage] activity_batch_window must look like \"0\", \"2ms\" or \"1s\""
+        })
+    }
+
     /// The longest wait for one hub call.
     pub fn hub_timeout(&self) -> anyhow::Result<Duration> {
         storebox_protocol::parse_duration(&self.hub.timeout)
@@ -266,6 +282,18 @@ impl BoxConfig {
             .clone()
             .context("[hub] needs credential or credential_file")
     }
+}
+
+/// A short duration: "2ms", "1s", or a plain number of milliseconds.
+fn parse_millis(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.trim().parse().ok().map(Duration::from_millis);
+    }
+    if let Some(s) = text.strip_suffix('s') {
+        return s.trim().parse().ok().map(Duration::from_secs);
+    }
+    text.parse().ok().map(Duration::from_millis)
 }
 
 fn parse_time_of_day(text: &str) -> Option<TimeOfDay> {

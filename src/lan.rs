@@ -16,14 +16,15 @@ use serde_json::{json, Value};
 use storebox_http::{self as h, Body};
 use storebox_protocol as proto;
 
-use crate::storage::{ActivityWriter, BoxStore, Stored, StoredEvent};
+use crate::activity::{Activity, Stored};
+use crate::storage::{BoxStore, StoredEvent};
 use crate::sync::SyncEngine;
 
 /// What the LAN listener needs.
 pub struct LanState {
     pub store_id: String,
     pub store: Arc<BoxStore>,
-    pub writer: ActivityWriter,
+    pub activity: Arc<Activity>,
     pub sync: Arc<SyncEngine>,
     pub max_activity_bytes: usize,
     pub started: std::time::Instant,
@@ -212,7 +213,7 @@ async fn post_activity(state: &LanState, body: Incoming) -> Response<Body> {
         received_at_ms: chrono::Utc::now().timestamp_millis(),
         event: record.json,
     };
-    match state.writer.store(event).await {
+    match state.activity.store(event).await {
         Ok(Stored::New { seq }) => {
             state.sync.push_wake.notify_one();
             h::json(
@@ -281,7 +282,12 @@ pub fn status(state: &LanState) -> Value {
             }),
         );
     }
-    let pending = state.store.pending_activity().unwrap_or_default();
+    let pending = state.activity.pending();
+    let journal = state.activity.stats();
+    let tables = state.store.table_bytes().unwrap_or_else(|e| {
+        tracing::error!("status: {e}");
+        BTreeMap::new()
+    });
     let link = state.sync.live.link();
     let bytes: BTreeMap<_, _> = state
         .sync
@@ -305,6 +311,20 @@ pub fn status(state: &LanState) -> Value {
             "last_error": link.last_error,
         },
         "bytes": bytes,
+        "storage": {
+            "process_write_bytes": process_write_bytes(),
+            "journal": journal,
+            "table_bytes": tables,
+        },
         "last_full_sync": state.sync.live.last_full(),
     })
+}
+
+/// Bytes this process caused to be written to storage (`write_bytes` of `/proc/self/io`):
+/// the flash wear the box is responsible for. `None` where the kernel does not say.
+pub fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
 }

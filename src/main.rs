@@ -3,7 +3,9 @@
 //! `serve` runs the daemon; `status` and `sync` talk to a running daemon over its LAN API on
 //! this machine, the way a field technician would.
 
+mod activity;
 mod config;
+mod journal;
 mod lan;
 mod status;
 mod storage;
@@ -132,9 +134,14 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         push: config.sync.push,
         push_batch: config.sync.push_batch,
     };
+    let activity = Arc::new(activity::Activity::open(
+        &config.data_dir,
+        store.clone(),
+        config.storage.activity_batch_max,
+        config.activity_batch_window()?,
+    )?);
     let live = Arc::new(status::LiveStatus::default());
-    let engine = sync::SyncEngine::new(store.clone(), live, target, settings);
-    let writer = store.start_activity_writer(config.storage.activity_batch_max);
+    let engine = sync::SyncEngine::new(store.clone(), activity.clone(), live, target, settings);
     let listener = tokio::net::TcpListener::bind(config.lan.listen)
         .await
         .with_context(|| format!("listening for tills on {}", config.lan.listen))?;
@@ -147,17 +154,36 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
     let state = Arc::new(lan::LanState {
         store_id: config.store_id.clone(),
         store,
-        writer,
+        activity: activity.clone(),
         sync: engine.clone(),
         max_activity_bytes: config.lan.max_activity_bytes,
         started: std::time::Instant::now(),
     });
     engine.start();
     let server = tokio::spawn(storebox_http::serve(listener, None, state, lan::handle));
+    tokio::spawn(save_mark_loop(activity.clone()));
     shutdown_signal().await;
     tracing::info!("storebox stopping");
     server.abort();
+    tokio::task::spawn_blocking(move || activity.close())
+        .await
+        .context("closing the activity journal")?;
     Ok(())
+}
+
+/// Saves the activity push mark once a minute, so a restart re-pushes at most a minute of
+/// events (which the hub drops as duplicates).
+async fn save_mark_loop(activity: Arc<activity::Activity>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let activity = activity.clone();
+        match tokio::task::spawn_blocking(move || activity.save_mark()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e:#}"),
+            Err(e) => tracing::warn!("saving the push mark: {e}"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,5 +1,6 @@
 //! The box's local database (redb on flash): synced module data, its indexes, per-module sync
-//! state, and the shop's activity waiting to be pushed.
+//! state, and the activity push mark. The activity itself lives in the journal
+//! (`journal.rs`), which writes far less flash per event than a redb commit.
 //!
 //! Tables (see `docs/STORAGE.md` for the reasoning):
 //!
@@ -9,13 +10,10 @@
 //! | `index`        | (module, field, value)   | record id                       |
 //! | `modules`      | module                   | [`ModuleState`] (postcard)      |
 //! | `quarantine`   | (module, id)             | why the record was kept out     |
-//! | `activity`     | seq                      | [`StoredEvent`] (postcard)      |
-//! | `activity_ids` | event id                 | seq                             |
 //! | `meta`         | name                     | u64 (`pushed_through`)          |
 //!
 //! A module's records, index entries and cursor change in the same transaction, so after a
-//! power cut the cursor always describes the data beside it. Activity is written by one
-//! thread ([`ActivityWriter`]) that gathers concurrent posts into one durable commit.
+//! power cut the cursor always describes the data beside it.
 //!
 //! This module knows nothing about HTTP or the hub.
 
@@ -26,14 +24,11 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use storebox_protocol::{self as proto, Change};
-use tokio::sync::{mpsc, oneshot};
 
 const RECORDS: TableDefinition<(&str, &str), &str> = TableDefinition::new("records");
 const INDEX: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("index");
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
 const QUARANTINE: TableDefinition<(&str, &str), &str> = TableDefinition::new("quarantine");
-const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity");
-const ACTIVITY_IDS: TableDefinition<&str, u64> = TableDefinition::new("activity_ids");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const PUSHED_THROUGH: &str = "pushed_through";
@@ -49,8 +44,8 @@ pub enum StorageError {
     },
     #[error("local database: a stored {what} does not decode; the file may be damaged")]
     Corrupt { what: &'static str },
-    #[error("local database: the activity writer has stopped")]
-    WriterGone,
+    #[error("local database: the task running the request failed: {0}")]
+    Task(String),
 }
 
 trait Ctx<T> {
@@ -154,8 +149,6 @@ impl BoxStore {
             txn.open_table(INDEX)?;
             txn.open_table(MODULES)?;
             txn.open_table(QUARANTINE)?;
-            txn.open_table(ACTIVITY)?;
-            txn.open_table(ACTIVITY_IDS)?;
             txn.open_table(META)?;
         }
         txn.commit().context("creating the tables")?;
@@ -263,107 +256,77 @@ impl BoxStore {
         Ok(results)
     }
 
-    /// How much activity waits for the hub.
-    pub fn pending_activity(&self) -> Result<PendingActivity, StorageError> {
+    /// The last activity event the hub is known to have, as last saved.
+    pub fn pushed_through(&self) -> Result<u64, StorageError> {
         let txn = self.db.begin_read().ctx("starting a read")?;
         let meta = txn.open_table(META).ctx("opening meta")?;
-        let pushed = meta
+        Ok(meta
             .get(PUSHED_THROUGH)
             .ctx("reading the push mark")?
-            .map_or(0, |v| v.value());
-        let activity = txn.open_table(ACTIVITY).ctx("opening activity")?;
-        let head = match activity.last().ctx("reading the activity head")? {
-            Some((k, _)) => k.value(),
-            None => 0,
-        };
-        let oldest_pending_ms = match activity
-            .range(pushed.saturating_add(1)..)
-            .ctx("scanning activity")?
-            .next()
-        {
-            Some(entry) => {
-                let (_, v) = entry.ctx("reading an event")?;
-                Some(decode_event(v.value())?.received_at_ms)
-            }
-            None => None,
-        };
-        Ok(PendingActivity {
-            pending: head.saturating_sub(pushed),
-            pushed_through: pushed,
-            head,
-            oldest_pending_ms,
-        })
+            .map_or(0, |v| v.value()))
     }
 
-    /// Up to `limit` events not yet acknowledged by the hub, oldest first, with their seq.
-    pub fn unpushed(&self, limit: usize) -> Result<Vec<(u64, StoredEvent)>, StorageError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let meta = txn.open_table(META).ctx("opening meta")?;
-        let pushed = meta
-            .get(PUSHED_THROUGH)
-            .ctx("reading the push mark")?
-            .map_or(0, |v| v.value());
-        let activity = txn.open_table(ACTIVITY).ctx("opening activity")?;
-        let mut out = Vec::new();
-        for entry in activity
-            .range(pushed.saturating_add(1)..)
-            .ctx("scanning activity")?
-            .take(limit)
-        {
-            let (k, v) = entry.ctx("reading an event")?;
-            out.push((k.value(), decode_event(v.value())?));
-        }
-        Ok(out)
-    }
-
-    /// Marks every event up to `seq` as acknowledged by the hub.
-    ///
-    /// Not waited onto the disk: if the mark is lost in a power cut, those events are pushed
-    /// again and the hub, which stores each id once, drops the copies. The next durable
-    /// commit (the next sale) carries it to the flash anyway.
-    pub fn mark_pushed(&self, seq: u64) -> Result<(), StorageError> {
-        let mut txn = self.db.begin_write().ctx("starting a push mark")?;
-        txn.set_durability(redb::Durability::None)
-            .ctx("setting durability")?;
+    /// Saves the push mark. Called on a period and at shutdown, not at every push: a mark
+    /// lost in a power cut only makes the box push some events again, which the hub drops.
+    pub fn save_pushed_through(&self, seq: u64) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().ctx("starting a push mark")?;
         {
             let mut meta = txn.open_table(META).ctx("opening meta")?;
             let current = meta
                 .get(PUSHED_THROUGH)
                 .ctx("reading the push mark")?
                 .map_or(0, |v| v.value());
-            meta.insert(PUSHED_THROUGH, seq.max(current))
+            if current >= seq {
+                drop(meta);
+                txn.abort().ctx("abandoning a push mark")?;
+                return Ok(());
+            }
+            meta.insert(PUSHED_THROUGH, seq)
                 .ctx("writing the push mark")?;
         }
         txn.commit().ctx("committing a push mark")?;
         Ok(())
     }
 
-    /// Starts the thread that writes activity, and returns the handle to post through.
-    pub fn start_activity_writer(&self, batch_max: usize) -> ActivityWriter {
-        let (tx, rx) = mpsc::channel::<WriteRequest>(batch_max * 4);
-        let db = self.db.clone();
-        let spawned = std::thread::Builder::new()
-            .name("activity-writer".into())
-            .spawn(move || activity_writer_loop(db, rx, batch_max));
-        match spawned {
-            Ok(_) => ActivityWriter { tx: Some(tx) },
-            Err(e) => {
-                // Posts then fail with a clear error instead of the daemon dying: reads keep
-                // serving the tills.
-                tracing::error!("could not start the activity writer thread: {e}");
-                ActivityWriter { tx: None }
-            }
-        }
+    /// Logical bytes stored per table, for flash accounting.
+    pub fn table_bytes(&self) -> Result<BTreeMap<&'static str, u64>, StorageError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let mut out = BTreeMap::new();
+        out.insert(
+            "records",
+            txn.open_table(RECORDS)
+                .ctx("opening records")?
+                .stats()
+                .ctx("table stats")?
+                .stored_bytes(),
+        );
+        out.insert(
+            "index",
+            txn.open_table(INDEX)
+                .ctx("opening the index")?
+                .stats()
+                .ctx("table stats")?
+                .stored_bytes(),
+        );
+        out.insert(
+            "modules",
+            txn.open_table(MODULES)
+                .ctx("opening modules")?
+                .stats()
+                .ctx("table stats")?
+                .stored_bytes(),
+        );
+        out.insert(
+            "quarantine",
+            txn.open_table(QUARANTINE)
+                .ctx("opening quarantine")?
+                .stats()
+                .ctx("table stats")?
+                .stored_bytes(),
+        );
+        Ok(out)
     }
-}
-
-/// How much activity waits for the hub.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct PendingActivity {
-    pub pending: u64,
-    pub pushed_through: u64,
-    pub head: u64,
-    pub oldest_pending_ms: Option<i64>,
 }
 
 struct Tables<'t> {
@@ -691,105 +654,6 @@ fn decode_state(bytes: &[u8]) -> Result<ModuleState, StorageError> {
     })
 }
 
-fn decode_event(bytes: &[u8]) -> Result<StoredEvent, StorageError> {
-    postcard::from_bytes(bytes).map_err(|_| StorageError::Corrupt { what: "event" })
-}
-
-/// Whether an event was new or already stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stored {
-    New { seq: u64 },
-    Duplicate { seq: u64 },
-}
-
-struct WriteRequest {
-    event: StoredEvent,
-    reply: oneshot::Sender<Result<Stored, String>>,
-}
-
-/// The handle tills' posts go through to the activity writer thread.
-pub struct ActivityWriter {
-    tx: Option<mpsc::Sender<WriteRequest>>,
-}
-
-impl ActivityWriter {
-    /// Stores an event durably (on disk when this returns `Ok`), once per id.
-    pub async fn store(&self, event: StoredEvent) -> Result<Stored, StorageError> {
-        let tx = self.tx.as_ref().ok_or(StorageError::WriterGone)?;
-        let (reply, answer) = oneshot::channel();
-        tx.send(WriteRequest { event, reply })
-            .await
-            .map_err(|_| StorageError::WriterGone)?;
-        match answer.await {
-            Ok(Ok(stored)) => Ok(stored),
-            Ok(Err(message)) => {
-                tracing::error!("activity write failed: {message}");
-                Err(StorageError::WriterGone)
-            }
-            Err(_) => Err(StorageError::WriterGone),
-        }
-    }
-}
-
-/// Gathers the posts waiting when a commit ends into the next commit. Under load each fsync
-/// carries many events; alone, an event waits for nothing but its own commit.
-fn activity_writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<WriteRequest>, batch_max: usize) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        match write_batch(&db, &batch) {
-            Ok(outcomes) => {
-                for (request, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = request.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for request in batch {
-                    let _ = request.reply.send(Err(message.clone()));
-                }
-            }
-        }
-    }
-}
-
-fn write_batch(db: &Database, batch: &[WriteRequest]) -> Result<Vec<Stored>, StorageError> {
-    let txn = db.begin_write().ctx("starting an activity commit")?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    {
-        let mut activity = txn.open_table(ACTIVITY).ctx("opening activity")?;
-        let mut ids = txn.open_table(ACTIVITY_IDS).ctx("opening activity ids")?;
-        let mut next = match activity.last().ctx("reading the activity head")? {
-            Some((k, _)) => k.value() + 1,
-            None => 1,
-        };
-        for request in batch {
-            let event = &request.event;
-            if let Some(seq) = ids.get(event.id.as_str()).ctx("checking an event id")? {
-                outcomes.push(Stored::Duplicate { seq: seq.value() });
-                continue;
-            }
-            let bytes =
-                postcard::to_stdvec(event).map_err(|_| StorageError::Corrupt { what: "event" })?;
-            activity
-                .insert(next, bytes.as_slice())
-                .ctx("storing an event")?;
-            ids.insert(event.id.as_str(), next)
-                .ctx("storing an event id")?;
-            outcomes.push(Stored::New { seq: next });
-            next += 1;
-        }
-    }
-    // Immediate durability is redb's default: commit returns once the data is fsync'd.
-    txn.commit().ctx("committing activity")?;
-    Ok(outcomes)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -914,29 +778,5 @@ mod tests {
         assert_eq!(ids, ["a", "c"]);
         assert!(store.get_by("catalog", "ean13", "2").unwrap().is_none());
         assert_eq!(store.modules().unwrap()["catalog"].records, 2);
-    }
-
-    #[tokio::test]
-    async fn activity_is_stored_once_and_counted_pending_until_pushed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BoxStore::open(dir.path(), 4).unwrap();
-        let writer = store.start_activity_writer(8);
-        let ev = |id: &str| StoredEvent {
-            id: id.into(),
-            received_at_ms: 5,
-            event: format!(r#"{{"id":"{id}"}}"#),
-        };
-        assert_eq!(writer.store(ev("x")).await.unwrap(), Stored::New { seq: 1 });
-        assert_eq!(writer.store(ev("y")).await.unwrap(), Stored::New { seq: 2 });
-        assert_eq!(
-            writer.store(ev("x")).await.unwrap(),
-            Stored::Duplicate { seq: 1 }
-        );
-        assert_eq!(store.pending_activity().unwrap().pending, 2);
-        let unpushed = store.unpushed(1).unwrap();
-        assert_eq!(unpushed[0].1.id, "x");
-        store.mark_pushed(1).unwrap();
-        let pending = store.pending_activity().unwrap();
-        assert_eq!((pending.pending, pending.pushed_through), (1, 1));
     }
 }

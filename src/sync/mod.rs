@@ -22,6 +22,7 @@ use serde::Serialize;
 use storebox_protocol as proto;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::activity::Activity;
 use crate::status::LiveStatus;
 use crate::storage::{ApplyKind, BoxStore, ModuleApply};
 use link::{HubLink, HubTarget, LinkError};
@@ -76,6 +77,7 @@ struct FullOrder {
 /// The three processes and what they share.
 pub struct SyncEngine {
     store: Arc<BoxStore>,
+    activity: Arc<Activity>,
     pub live: Arc<LiveStatus>,
     settings: SyncSettings,
     full_link: HubLink,
@@ -93,6 +95,7 @@ pub struct SyncEngine {
 impl SyncEngine {
     pub fn new(
         store: Arc<BoxStore>,
+        activity: Arc<Activity>,
         live: Arc<LiveStatus>,
         target: Arc<HubTarget>,
         settings: SyncSettings,
@@ -101,6 +104,7 @@ impl SyncEngine {
         let (delta_tx, delta_rx) = mpsc::channel(16);
         Arc::new(SyncEngine {
             store,
+            activity,
             live,
             settings,
             full_link: HubLink::new(target.clone()),
@@ -317,7 +321,7 @@ impl SyncEngine {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.modules())
             .await
-            .map_err(|_| crate::storage::StorageError::WriterGone)?
+            .map_err(|e| crate::storage::StorageError::Task(e.to_string()))?
     }
 
     /// Pushes every pending event, oldest first, in batches. Returns how many the hub took.
@@ -325,12 +329,12 @@ impl SyncEngine {
         let _one_at_a_time = self.push_lock.lock().await;
         let mut pushed = 0u64;
         loop {
-            let store = self.store.clone();
+            let activity = self.activity.clone();
             let batch_size = self.settings.push_batch;
-            let events = tokio::task::spawn_blocking(move || store.unpushed(batch_size))
+            let events = tokio::task::spawn_blocking(move || activity.unpushed(batch_size))
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("{e:#}"))?;
             let Some(last_seq) = events.last().map(|(seq, _)| *seq) else {
                 return Ok(pushed);
             };
@@ -361,11 +365,7 @@ impl SyncEngine {
                 ack.accepted,
                 ack.duplicates
             );
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.mark_pushed(last_seq))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            self.activity.mark_pushed(last_seq);
             pushed += n;
         }
     }
@@ -496,13 +496,7 @@ impl SyncEngine {
             }
             self.apply(applies, &mut report).await?;
             let modules = self.modules().await.map_err(|e| e.to_string())?;
-            let pending = {
-                let store = self.store.clone();
-                tokio::task::spawn_blocking(move || store.pending_activity())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?
-            };
+            let pending = self.activity.pending();
             let ack = proto::Ack {
                 cursors: plan::delta_request(&modules, &[]).cursors,
                 pending_activity: pending.pending,
