@@ -822,7 +822,7 @@ impl Baseline {
 ///
 /// With `busy`, every other CPU spins meanwhile. On a virtual machine an idle vCPU can take a
 /// whole timer tick to wake up when the disk answers (measured: `fdatasync` p50 4 ms alone,
-/// under 0.1 ms with one busy core on a 2-vCPU Firecracker guest), and the box never runs
+/// under 0.1 ms with one busy core on a 2-vCPU virtual machine), and the box never runs
 /// with idle CPUs while tills post, so the loop is measured both ways and the faster figure
 /// is the one the box is compared with.
 fn fsync_baseline(path: &Path, run: Duration, busy: bool) -> anyhow::Result<Baseline> {
