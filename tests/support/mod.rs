@@ -388,3 +388,83 @@ impl StoreBox {
         )
     }
 }
+
+/// Like [`call`], but a failed connection or exchange (the daemon is down, or dies before it
+/// answers) is returned as an error instead of panicking.
+pub async fn try_call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<(StatusCode, Value), String> {
+    let (status, body) = storebox_http::call(addr, method, path, headers, body.into())
+        .await
+        .map_err(|e| format!("calling {addr}{path}: {e}"))?;
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    Ok((status, value))
+}
+
+impl StoreBox {
+    /// Kills the running box with SIGKILL (`Child::kill`: no shutdown, no push mark saved)
+    /// and starts it again on the same data, like [`StoreBox::restart`]; but instead of
+    /// panicking, answers the new process's log when it exits or its LAN API does not
+    /// answer within `timeout`. Answers how long the box took to serve again.
+    pub async fn try_restart(&mut self, timeout: Duration) -> Result<Duration, String> {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        let started = Instant::now();
+        let mut command = Command::new(bin("storebox"));
+        command.arg("serve").arg("--config").arg(&self.config);
+        let log = self
+            .config
+            .with_file_name(format!("box-{}.log", free_port()));
+        let mut proc = Proc::spawn("storebox", command, log);
+        loop {
+            if let Ok(Some(exit)) = proc.child.try_wait() {
+                return Err(format!(
+                    "the box exited ({exit}) while starting; its log:\n{}",
+                    proc.log_text()
+                ));
+            }
+            let answer =
+                storebox_http::call(self.lan, Method::GET, "/v1/status", &[], Bytes::new()).await;
+            if matches!(answer, Ok((s, _)) if s.is_success()) {
+                self.proc = Some(proc);
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "the box's LAN API did not answer within {timeout:?}; its log:\n{}",
+                    proc.log_text()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The text of every log this box's processes wrote (one file per start), oldest first.
+    pub fn all_logs(&self) -> Vec<(PathBuf, String)> {
+        let dir = self.config.parent().unwrap();
+        let mut logs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("box-") && n.ends_with(".log"))
+            })
+            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+            .collect();
+        logs.sort();
+        logs.into_iter()
+            .map(|(_, p)| {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                (p, text)
+            })
+            .collect()
+    }
+}
