@@ -26,6 +26,29 @@ pub struct BoxConfig {
     pub sync: SyncConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "error", "warn", "info", "debug" or "trace"; `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
 }
 
 /// How to reach the hub.
@@ -167,6 +190,7 @@ impl BoxConfig {
             .with_context(|| format!("reading the config {}", path.display()))?;
         let mut merged: toml::Table = toml::from_str(&text)
             .with_context(|| format!("parsing the config {}", path.display()))?;
+        check_keys(&merged, path)?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let dropin_dir = base.join("storebox.d");
         if dropin_dir.is_dir() {
@@ -181,6 +205,7 @@ impl BoxConfig {
                     .with_context(|| format!("reading the drop-in {}", dropin.display()))?;
                 let table: toml::Table = toml::from_str(&text)
                     .with_context(|| format!("parsing the drop-in {}", dropin.display()))?;
+                check_keys(&table, &dropin)?;
                 merge(&mut merged, table);
             }
         }
@@ -306,6 +331,25 @@ fn parse_time_of_day(text: &str) -> Option<TimeOfDay> {
     (hour < 24 && minute < 60).then_some(TimeOfDay { hour, minute })
 }
 
+/// Refuses a file with a key the config does not know, naming the key and the file.
+///
+/// The file alone is deserialised over placeholders for the required keys, so the check is
+/// the config type itself and cannot drift from it; a wrong value type is left for the check
+/// of the merged config, which reports it.
+fn check_keys(table: &toml::Table, file: &Path) -> anyhow::Result<()> {
+    let mut probe: toml::Table = toml::from_str(
+        "store_id = \"x\"\ndata_dir = \"x\"\n[hub]\nurl = \"https://x\"\nca_file = \"x\"\n",
+    )
+    .context("building the key check")?;
+    merge(&mut probe, table.clone());
+    match probe.try_into::<BoxConfig>() {
+        Err(e) if e.message().contains("unknown field") => {
+            Err(anyhow::anyhow!("{}: {}", file.display(), e.message().trim()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Merges `over` into `base`: tables key by key, anything else replaced.
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (key, value) in over {
@@ -398,6 +442,12 @@ credential = "secret"
         assert!(e.contains("full_sync_at"), "{e}");
         std::fs::write(&path, format!("{MINIMAL}\n[sync]\nflul_sync = 1\n")).unwrap();
         let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
-        assert!(e.contains("flul_sync"), "{e}");
+        assert!(e.contains("flul_sync") && e.contains("storebox.toml"), "{e}");
+        // A drop-in's unknown key names the drop-in.
+        std::fs::write(&path, MINIMAL).unwrap();
+        std::fs::create_dir(dir.path().join("storebox.d")).unwrap();
+        std::fs::write(dir.path().join("storebox.d/30-typo.toml"), "[lan]\nlisten_on = 1\n").unwrap();
+        let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
+        assert!(e.contains("listen_on") && e.contains("30-typo.toml"), "{e}");
     }
 }

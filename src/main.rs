@@ -31,16 +31,19 @@ struct Cli {
     command: Command,
 }
 
+/// Where the config is read from when `--config` is not given.
+const DEFAULT_CONFIG: &str = "/etc/storebox/storebox.toml";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: the till API on the LAN and the three sync processes.
     Serve {
-        #[arg(long)]
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show the sync state of the running daemon as a table.
     Status {
-        #[arg(long)]
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Print the raw JSON document instead.
         #[arg(long)]
@@ -49,7 +52,22 @@ enum Command {
     /// Run a sync now on the running daemon, wait for it and print the outcome.
     Sync {
         kind: SyncKind,
-        #[arg(long)]
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Work with the configuration without starting the daemon.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Read the config and its drop-ins, check every value and the files it names, and print
+    /// the result; exits non-zero with the reason when something is wrong.
+    Check {
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -61,21 +79,43 @@ enum SyncKind {
 }
 
 fn main() -> std::process::ExitCode {
-    let level = std::env::var("STOREBOX_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("storebox: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs go to stderr, which systemd hands to journald: no colours, and no timestamps when
+/// journald adds its own (`JOURNAL_STREAM` is set). No log file is written on flash. The
+/// level comes from `RUST_LOG` (or `STOREBOX_LOG`), else from `[log] level` in the config.
+fn init_logging(cli: &Cli) {
+    let from_env = ["RUST_LOG", "STOREBOX_LOG"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok());
+    let from_config = || {
+        let path = match &cli.command {
+            Command::Serve { config } => config,
+            _ => return None,
+        };
+        BoxConfig::load(path).ok().map(|c| c.log.level)
+    };
+    let level = from_env
+        .or_else(from_config)
+        .and_then(|l| l.trim().parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
     }
 }
 
@@ -98,6 +138,31 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             } else {
                 print!("{}", render_status(&doc));
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Config {
+            action: ConfigAction::Check { config: path },
+        } => {
+            let config = BoxConfig::load(&path)?;
+            // The hub link reads the CA and the credential: build it to check them.
+            sync::link::HubTarget::new(
+                &config.hub.url,
+                &config.hub.ca_file,
+                &config.credential()?,
+                config.hub_timeout()?,
+            )?;
+            println!(
+                "{}: OK\n  store {}, data in {}\n  hub {} (CA {})\n  tills on {}\n  full sync at {}, delta pull {}, push {}",
+                path.display(),
+                config.store_id,
+                config.data_dir.display(),
+                config.hub.url,
+                config.hub.ca_file.display(),
+                config.lan.listen,
+                config.sync.full_sync_at.join(", "),
+                config.sync.delta_interval,
+                if config.sync.push { "on" } else { "off" },
+            );
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Sync { kind, config } => {

@@ -654,3 +654,43 @@ async fn bad_input_on_the_admin_api_gets_documented_errors_and_changes_nothing()
         .await;
     assert_eq!(answer, json!({"upserted": 0, "deleted": 1, "unchanged": 1}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_validates_without_starting_and_names_bad_keys() {
+    let hub = Hub::start(&["shop-i"]).await;
+    let config = hub.box_config("shop-i");
+    let storebox = support::bin("storebox");
+    let out = std::process::Command::new(&storebox)
+        .args(["config", "check"])
+        .env("STOREBOX_CONFIG", &config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("OK") && text.contains("shop-i"), "{text}");
+    // Nothing was started: no data directory was created.
+    assert!(!config.with_file_name("shop-i-data").exists());
+
+    let dropins = config.with_file_name("storebox.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::write(dropins.join("40-typo.toml"), "[sync]\ndelta_intervall = \"1m\"\n").unwrap();
+    let out = std::process::Command::new(&storebox)
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("delta_intervall") && err.contains("40-typo.toml"), "{err}");
+
+    // A CA file that is not a certificate is caught too.
+    std::fs::remove_file(dropins.join("40-typo.toml")).unwrap();
+    std::fs::write(dropins.join("40-ca.toml"), "[hub]\nca_file = \"/dev/null\"\n").unwrap();
+    let out = std::process::Command::new(&storebox)
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CA"));
+}
