@@ -109,6 +109,11 @@ pub enum ApplyKind {
         records: Vec<(String, String)>,
         cursor: u64,
     },
+    /// The hub found the box's digest of the module equal to its own at `cursor`: a full
+    /// sync with nothing to change. Only a first confirmation is written; later ones are
+    /// kept in memory by the sync engine, so a daily full sync that finds nothing writes
+    /// nothing.
+    Unchanged { cursor: u64 },
 }
 
 /// What applying did to one module.
@@ -214,6 +219,36 @@ impl BoxStore {
         for entry in modules.iter().ctx("scanning modules")? {
             let (key, value) = entry.ctx("reading a module")?;
             out.insert(key.value().to_owned(), decode_state(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The digest of every module, over the bytes stored: what a full sync compares with
+    /// the hub's. A record damaged on flash changes it, and the full sync then rewrites the
+    /// module from the hub's copy.
+    pub fn digests(&self) -> Result<Vec<proto::ModuleDigest>, StorageError> {
+        let modules = self.modules()?;
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let records = txn.open_table(RECORDS).ctx("opening records")?;
+        let mut out = Vec::new();
+        for (module, state) in modules {
+            let mut digest = proto::Digest::default();
+            for entry in records
+                .range((module.as_str(), "")..)
+                .ctx("scanning records")?
+            {
+                let (key, value) = entry.ctx("reading a record")?;
+                let (m, id) = key.value();
+                if m != module {
+                    break;
+                }
+                digest.add(id, value.value());
+            }
+            out.push(proto::ModuleDigest {
+                module,
+                cursor: state.cursor,
+                digest,
+            });
         }
         Ok(out)
     }
@@ -380,6 +415,15 @@ impl Tables<'_> {
                 }
                 state.cursor = *cursor;
                 state.last_delta_ok_ms = Some(apply.now_ms);
+            }
+            ApplyKind::Unchanged { cursor } => {
+                if before.is_none() || state.cursor != *cursor {
+                    applied.stale = true;
+                    return Ok((applied, false));
+                }
+                if state.last_full_ok_ms.is_none() {
+                    state.last_full_ok_ms = Some(apply.now_ms);
+                }
             }
             ApplyKind::Snapshot { records, cursor } => {
                 let wanted: BTreeSet<&str> = records.iter().map(|(id, _)| id.as_str()).collect();

@@ -184,6 +184,19 @@ async fn full_sync_repairs_what_the_box_missed() {
     let b = StoreBox::start(&hub, "shop-c", DELTA_OFF).await;
     b.wait_full_sync(&MODULES).await;
 
+    // With nothing changed, a full sync compares digests and downloads nothing.
+    let (_, idle) = b.post("/v1/sync/full", Bytes::new()).await;
+    assert_eq!(idle["ok"], true, "{idle}");
+    for module in MODULES {
+        assert_eq!(idle["modules"][module]["upserted"], 0, "{idle}");
+    }
+    let idle_bytes =
+        idle["bytes_received"].as_u64().unwrap() + idle["bytes_sent"].as_u64().unwrap();
+    assert!(
+        idle_bytes < 2_000,
+        "an idle full sync cost {idle_bytes} bytes: {idle}"
+    );
+
     // The hub drops 100 products by replacing the catalog, changes one and deletes a
     // customer; the box, with delta pulls off, sees none of it.
     let catalog = &data.modules["catalog"];
@@ -666,14 +679,22 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("OK") && text.contains("shop-i"), "{text}");
     // Nothing was started: no data directory was created.
     assert!(!config.with_file_name("shop-i-data").exists());
 
     let dropins = config.with_file_name("storebox.d");
     std::fs::create_dir_all(&dropins).unwrap();
-    std::fs::write(dropins.join("40-typo.toml"), "[sync]\ndelta_intervall = \"1m\"\n").unwrap();
+    std::fs::write(
+        dropins.join("40-typo.toml"),
+        "[sync]\ndelta_intervall = \"1m\"\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(&storebox)
         .args(["config", "check", "--config"])
         .arg(&config)
@@ -681,11 +702,18 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("delta_intervall") && err.contains("40-typo.toml"), "{err}");
+    assert!(
+        err.contains("delta_intervall") && err.contains("40-typo.toml"),
+        "{err}"
+    );
 
     // A CA file that is not a certificate is caught too.
     std::fs::remove_file(dropins.join("40-typo.toml")).unwrap();
-    std::fs::write(dropins.join("40-ca.toml"), "[hub]\nca_file = \"/dev/null\"\n").unwrap();
+    std::fs::write(
+        dropins.join("40-ca.toml"),
+        "[hub]\nca_file = \"/dev/null\"\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(&storebox)
         .args(["config", "check", "--config"])
         .arg(&config)
@@ -693,4 +721,44 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CA"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_sync_repairs_a_record_damaged_on_the_box() {
+    let data = storebox_sim::generate_store(SEED);
+    let hub = Hub::start(&["shop-j"]).await;
+    hub.import_store("shop-j", &data).await;
+    let mut b = StoreBox::start(&hub, "shop-j", DELTA_OFF).await;
+    b.wait_full_sync(&MODULES).await;
+    let product = &data.modules["catalog"][42];
+    let id = product["id"].as_str().unwrap();
+
+    // Stop the box and damage one stored record behind its back, as bad flash would.
+    if let Some(mut p) = b.proc.take() {
+        p.kill();
+    }
+    let db_path = b.config.with_file_name("shop-j-data").join("storebox.redb");
+    {
+        const RECORDS: redb::TableDefinition<(&str, &str), &str> =
+            redb::TableDefinition::new("records");
+        let db = redb::Database::create(&db_path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut records = txn.open_table(RECORDS).unwrap();
+            records
+                .insert(("catalog", id), r#"{"id":"damaged","price_cents":0}"#)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    b.restart().await;
+    let (_, damaged) = b.get(&format!("/v1/catalog/{id}")).await;
+    assert_ne!(&damaged, product);
+
+    let (_, report) = b.post("/v1/sync/full", Bytes::new()).await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["modules"]["catalog"]["upserted"], 1, "{report}");
+    assert_eq!(report["modules"]["customers"]["upserted"], 0, "{report}");
+    let (_, repaired) = b.get(&format!("/v1/catalog/{id}")).await;
+    assert_eq!(&repaired, product);
 }

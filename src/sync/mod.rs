@@ -193,12 +193,12 @@ impl SyncEngine {
                 (false, None, Some((r, modules))) => (Some(*r), modules.clone()),
                 (false, at, _) => (at, Vec::new()),
             };
-            let sleep = async {
+            let sleep = crate::watchdog::idle(crate::watchdog::Loop::Full, async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            };
+            });
             let (modules, reply) = tokio::select! {
                 _ = sleep => (timed_modules, None),
                 order = orders.recv() => match order {
@@ -252,12 +252,12 @@ impl SyncEngine {
             .delta_interval
             .map(|i| tokio::time::Instant::now() + i);
         loop {
-            let sleep = async {
+            let sleep = crate::watchdog::idle(crate::watchdog::Loop::Delta, async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            };
+            });
             let reply = tokio::select! {
                 _ = sleep => None,
                 order = orders.recv() => match order {
@@ -297,7 +297,7 @@ impl SyncEngine {
             // or stored before start.
             tokio::select! {
                 _ = self.push_wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = crate::watchdog::idle(crate::watchdog::Loop::Push, tokio::time::sleep(wait)) => {}
             }
             match self.push_pending().await {
                 Ok(_) => {
@@ -465,8 +465,13 @@ impl SyncEngine {
         };
         let result: Result<(), String> = async {
             report.activity_pushed = self.push_pending().await?;
-            let body =
-                proto::encode(&proto::FullRequest { modules }, 3).map_err(|e| e.to_string())?;
+            let store = self.store.clone();
+            let digests = tokio::task::spawn_blocking(move || store.digests())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let request = proto::FullRequest { modules, digests };
+            let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
             let answer = self.call(&self.full_link, proto::PATH_FULL, body).await?;
             let now = hub_or_local_time(answer.hub_time_ms);
             let mut applies = Vec::new();
@@ -480,6 +485,14 @@ impl SyncEngine {
                     &frame.payload,
                     "a module snapshot",
                 ) {
+                    Ok(proto::ModuleSnapshot::Unchanged { cursor }) => {
+                        applies.push(ModuleApply {
+                            module: frame.module,
+                            indexes: frame.indexes,
+                            kind: ApplyKind::Unchanged { cursor },
+                            now_ms: now,
+                        });
+                    }
                     Ok(proto::ModuleSnapshot::Records { records, cursor }) => {
                         applies.push(ModuleApply {
                             module: frame.module,

@@ -244,7 +244,21 @@ fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response
             }
         } else {
             match state.store.snapshot(store, &module.name) {
-                Ok((records, cursor)) => proto::ModuleSnapshot::Records { records, cursor },
+                Ok((records, cursor)) => {
+                    let held = request.digests.iter().find(|d| d.module == module.name);
+                    let same = held.is_some_and(|held| {
+                        let mut digest = proto::Digest::default();
+                        for (id, json) in &records {
+                            digest.add(id, json);
+                        }
+                        held.cursor == cursor && held.digest == digest
+                    });
+                    if same {
+                        proto::ModuleSnapshot::Unchanged { cursor }
+                    } else {
+                        proto::ModuleSnapshot::Records { records, cursor }
+                    }
+                }
                 Err(e) => {
                     tracing::error!("store {store}, module {}: {e}", module.name);
                     proto::ModuleSnapshot::Failed {

@@ -87,6 +87,51 @@ pub struct ModuleCursor {
 pub struct FullRequest {
     /// Modules to snapshot; empty means every module of the store.
     pub modules: Vec<String>,
+    /// What the box holds of each module it has, computed over the bytes it actually
+    /// stores. A module whose digest and cursor match the hub's is answered `Unchanged`:
+    /// a full sync that finds nothing to do costs a few hundred bytes, not the whole store.
+    pub digests: Vec<ModuleDigest>,
+}
+
+/// A module's content in a few bytes: its cursor and the [`Digest`] of its records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleDigest {
+    pub module: String,
+    pub cursor: u64,
+    pub digest: Digest,
+}
+
+/// An order-independent digest of a set of records: their count, and the wrapping sum and
+/// the XOR of a 64-bit hash of each (id, canonical JSON). Equal sets give equal digests
+/// whatever the order they are read in; a changed, missing or extra record changes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    pub count: u64,
+    pub sum: u64,
+    pub xor: u64,
+}
+
+impl Digest {
+    /// Adds one record.
+    pub fn add(&mut self, id: &str, json: &str) {
+        let h = record_hash(id, json);
+        self.count += 1;
+        self.sum = self.sum.wrapping_add(h);
+        self.xor ^= h;
+    }
+}
+
+/// The 64-bit hash of a record: the first 8 bytes of SHA-256 over its id, a zero byte, and
+/// its canonical JSON.
+pub fn record_hash(id: &str, json: &str) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(id.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(json.as_bytes());
+    let digest = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// An answer carrying one frame per module. Used by both delta pull and full sync.
@@ -141,6 +186,10 @@ pub enum ModuleSnapshot {
         /// Every live record, as (id, canonical JSON text), in id order.
         records: Vec<(String, String)>,
         /// The module's change sequence at the time of the snapshot.
+        cursor: u64,
+    },
+    /// The box's digest and cursor match the hub's: nothing to send.
+    Unchanged {
         cursor: u64,
     },
     Failed {
@@ -396,6 +445,24 @@ mod tests {
             canonical_record_from_text("{"),
             Err(RecordError::Json(_))
         ));
+    }
+
+    #[test]
+    fn digests_ignore_order_and_see_any_change() {
+        let mut a = Digest::default();
+        a.add("1", r#"{"id":"1"}"#);
+        a.add("2", r#"{"id":"2","p":1}"#);
+        let mut b = Digest::default();
+        b.add("2", r#"{"id":"2","p":1}"#);
+        b.add("1", r#"{"id":"1"}"#);
+        assert_eq!(a, b);
+        let mut c = Digest::default();
+        c.add("1", r#"{"id":"1"}"#);
+        c.add("2", r#"{"id":"2","p":2}"#);
+        assert_ne!(a, c);
+        let mut d = a;
+        d.add("3", r#"{"id":"3"}"#);
+        assert_ne!(a, d);
     }
 
     #[test]
