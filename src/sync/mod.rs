@@ -193,12 +193,12 @@ impl SyncEngine {
                 (false, None, Some((r, modules))) => (Some(*r), modules.clone()),
                 (false, at, _) => (at, Vec::new()),
             };
-            let sleep = crate::watchdog::idle(crate::watchdog::Loop::Full, async {
+            let sleep = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            });
+            };
             let (modules, reply) = tokio::select! {
                 _ = sleep => (timed_modules, None),
                 order = orders.recv() => match order {
@@ -252,12 +252,12 @@ impl SyncEngine {
             .delta_interval
             .map(|i| tokio::time::Instant::now() + i);
         loop {
-            let sleep = crate::watchdog::idle(crate::watchdog::Loop::Delta, async {
+            let sleep = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            });
+            };
             let reply = tokio::select! {
                 _ = sleep => None,
                 order = orders.recv() => match order {
@@ -297,7 +297,7 @@ impl SyncEngine {
             // or stored before start.
             tokio::select! {
                 _ = self.push_wake.notified() => {}
-                _ = crate::watchdog::idle(crate::watchdog::Loop::Push, tokio::time::sleep(wait)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             match self.push_pending().await {
                 Ok(_) => {
