@@ -343,9 +343,11 @@ fn check_keys(table: &toml::Table, file: &Path) -> anyhow::Result<()> {
     .context("building the key check")?;
     merge(&mut probe, table.clone());
     match probe.try_into::<BoxConfig>() {
-        Err(e) if e.message().contains("unknown field") => {
-            Err(anyhow::anyhow!("{}: {}", file.display(), e.message().trim()))
-        }
+        Err(e) if e.message().contains("unknown field") => Err(anyhow::anyhow!(
+            "{}: {}",
+            file.display(),
+            e.message().trim()
+        )),
         _ => Ok(()),
     }
 }
@@ -442,11 +444,18 @@ credential = "secret"
         assert!(e.contains("full_sync_at"), "{e}");
         std::fs::write(&path, format!("{MINIMAL}\n[sync]\nflul_sync = 1\n")).unwrap();
         let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
-        assert!(e.contains("flul_sync") && e.contains("storebox.toml"), "{e}");
+        assert!(
+            e.contains("flul_sync") && e.contains("storebox.toml"),
+            "{e}"
+        );
         // A drop-in's unknown key names the drop-in.
         std::fs::write(&path, MINIMAL).unwrap();
         std::fs::create_dir(dir.path().join("storebox.d")).unwrap();
-        std::fs::write(dir.path().join("storebox.d/30-typo.toml"), "[lan]\nlisten_on = 1\n").unwrap();
+        std::fs::write(
+            dir.path().join("storebox.d/30-typo.toml"),
+            "[lan]\nlisten_on = 1\n",
+        )
+        .unwrap();
         let e = format!("{:#}", BoxConfig::load(&path).unwrap_err());
         assert!(e.contains("listen_on") && e.contains("30-typo.toml"), "{e}");
     }
