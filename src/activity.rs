@@ -66,6 +66,8 @@ pub struct Activity {
     journal: Arc<Mutex<Journal>>,
     store: Arc<BoxStore>,
     tx: Mutex<Option<mpsc::Sender<WriteRequest>>>,
+    /// Joined by [`Activity::close`], so every post already queued is committed first.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     direct_io: bool,
 }
 
@@ -95,7 +97,7 @@ impl Activity {
         let journal = Arc::new(Mutex::new(journal));
         let (tx, rx) = mpsc::channel::<WriteRequest>();
         let writer_journal = journal.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("activity-writer".into())
             .spawn(move || writer_loop(writer_journal, rx, batch_max, batch_window))
             .context("starting the activity writer thread")?;
@@ -103,6 +105,7 @@ impl Activity {
             journal,
             store,
             tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
             direct_io,
         })
     }
@@ -169,11 +172,17 @@ impl Activity {
         }
     }
 
-    /// Stops taking posts; the writer finishes the commit in hand. Then saves the push mark.
+    /// Stops taking posts; the writer commits every post already queued, then ends. Then
+    /// saves the push mark.
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // Taking the journal's lock waits for a commit in progress to end.
-        drop(self.journal());
+        // With the only sender gone the writer drains the queue and returns.
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = writer {
+            if writer.join().is_err() {
+                tracing::error!("the activity writer thread panicked");
+            }
+        }
         if let Err(e) = self.save_mark() {
             tracing::warn!("{e:#}");
         }
@@ -186,7 +195,14 @@ fn writer_loop(
     batch_max: usize,
     window: Duration,
 ) {
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Beats on every pass, and at least every tick while no till posts, for the watchdog.
+        crate::watchdog::beat(crate::watchdog::Loop::Writer);
+        let first = match rx.recv_timeout(crate::watchdog::TICK) {
+            Ok(request) => request,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut batch = vec![first];
         let deadline = Instant::now() + window;
         while batch.len() < batch_max {

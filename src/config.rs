@@ -28,6 +28,8 @@ pub struct BoxConfig {
     pub storage: StorageConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
 }
 
 /// Logging.
@@ -176,6 +178,55 @@ impl Default for StorageConfig {
     }
 }
 
+/// How tills find the box on the LAN (`discovery.rs`): mDNS and the UDP broadcast probe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Advertise the box at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The box's name on the LAN (mDNS instance); `storebox-<store_id>` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// UDP port of the broadcast probe.
+    #[serde(default = "default_discovery_udp_port")]
+    pub udp_port: u16,
+    /// Advertise over multicast DNS as well; the UDP probe is answered either way.
+    #[serde(default = "default_true")]
+    pub mdns: bool,
+}
+
+fn default_discovery_udp_port() -> u16 {
+    crate::discovery::DEFAULT_UDP_PORT
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            enabled: true,
+            name: None,
+            udp_port: default_discovery_udp_port(),
+            mdns: true,
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(name) = &self.name {
+            // One DNS label: 63 bytes; control characters would garble tills' screens.
+            let name = name.trim();
+            if name.is_empty() || name.len() > 63 || name.chars().any(char::is_control) {
+                bail!("[discovery] name must be 1 to 63 bytes of printable text (got {name:?})");
+            }
+        }
+        if self.udp_port == 0 {
+            bail!("[discovery] udp_port must be a port number, 1 to 65535");
+        }
+        Ok(())
+    }
+}
+
 /// A local time of day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TimeOfDay {
@@ -254,6 +305,7 @@ impl BoxConfig {
         if self.sync.push_batch == 0 {
             bail!("[sync] push_batch must be at least 1");
         }
+        self.discovery.check()?;
         Ok(())
     }
 

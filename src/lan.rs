@@ -36,8 +36,16 @@ const ALIASES: &[(&str, &str, &str)] = &[
     ("customers", "by-card", "loyalty_card"),
 ];
 
-/// Answers one request from a till.
+/// Answers one request from a till, timing it into the latency histogram of `/metrics`.
 pub async fn handle(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let route_class = crate::metrics::Route::classify(req.method(), req.uri().path());
+    let response = route(state, req).await;
+    crate::metrics::global().observe_request(route_class, response.status(), started.elapsed());
+    response
+}
+
+async fn route(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
@@ -48,6 +56,8 @@ pub async fn handle(state: Arc<LanState>, req: Request<Incoming>) -> Response<Bo
         .collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (&method, segs.as_slice()) {
+        (&Method::GET, [""]) => crate::statuspage::page(&state),
+        (&Method::GET, ["metrics"]) => crate::metrics::page(&state),
         (&Method::GET, ["v1", "status"]) => h::json(StatusCode::OK, &status(&state)),
         (&Method::POST, ["v1", "activity"]) => post_activity(&state, req.into_body()).await,
         (&Method::POST, ["v1", "sync", "full"]) => {
@@ -246,10 +256,15 @@ fn rfc3339(ms: Option<i64>) -> Value {
 pub fn status(state: &LanState) -> Value {
     let now = chrono::Utc::now().timestamp_millis();
     let mut modules = BTreeMap::new();
-    let stored = state.store.modules().unwrap_or_else(|e| {
+    let mut stored = state.store.modules().unwrap_or_else(|e| {
         tracing::error!("status: {e}");
         BTreeMap::new()
     });
+    // A module the hub failed before the box ever received it has no stored state; it is
+    // shown all the same, empty, with its error.
+    for name in state.sync.live.module_names() {
+        stored.entry(name).or_default();
+    }
     for (name, m) in &stored {
         let live = state.sync.live.module(name);
         // The first few quarantined records, so a technician sees what to fix at the hub.

@@ -1,15 +1,19 @@
 //! `storebox`: the in-store appliance daemon and its command-line tools.
 //!
 //! `serve` runs the daemon; `status` and `sync` talk to a running daemon over its LAN API on
-//! this machine, the way a field technician would.
+//! this machine, the way a field technician would. `discover` lists the boxes on the LAN.
 
 mod activity;
 mod config;
+mod discovery;
 mod journal;
 mod lan;
+mod metrics;
 mod status;
+mod statuspage;
 mod storage;
 mod sync;
+mod watchdog;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -54,6 +58,15 @@ enum Command {
         kind: SyncKind,
         #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Find the boxes on this machine's LANs (mDNS and the UDP broadcast probe), one line each.
+    Discover {
+        /// How long to listen for answers, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+        timeout: f64,
+        /// The UDP port boxes answer the probe on (their `[discovery] udp_port`).
+        #[arg(long, default_value_t = discovery::DEFAULT_UDP_PORT)]
+        udp_port: u16,
     },
     /// Work with the configuration without starting the daemon.
     Config {
@@ -165,6 +178,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Discover { timeout, udp_port } => {
+            runtime.block_on(discovery::discover_command(timeout, udp_port))
+        }
         Command::Sync { kind, config } => {
             let config = BoxConfig::load(&config)?;
             let path = match kind {
@@ -181,6 +197,10 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
     }
 }
+
+/// How long a stopping daemon lets in-flight till requests finish (systemd's
+/// `TimeoutStopSec=` leaves room for this and the journal close after it).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve(config: BoxConfig) -> anyhow::Result<()> {
     let store = Arc::new(storage::BoxStore::open(
@@ -216,6 +236,17 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         config.store_id,
         listener.local_addr()?
     );
+    // On tasks of its own, failures only logged: never in the way of serving tills. No LAN
+    // TLS yet, so no certificate fingerprint to publish (the `None`).
+    discovery::start(&config, listener.local_addr()?, None);
+    let watched = watchdog::Watched {
+        lan: local_addr(listener.local_addr()?),
+        store: store.clone(),
+        activity: activity.clone(),
+        engine: engine.clone(),
+        hub_timeout: config.hub_timeout()?,
+        push: config.sync.push,
+    };
     let state = Arc::new(lan::LanState {
         store_id: config.store_id.clone(),
         store,
@@ -225,11 +256,29 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
     });
     engine.start();
-    let server = tokio::spawn(storebox_http::serve(listener, None, state, lan::handle));
+    let (drain, draining) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(storebox_http::serve_until(
+        listener,
+        None,
+        state,
+        lan::handle,
+        async move {
+            let _ = draining.await;
+        },
+    ));
     tokio::spawn(save_mark_loop(activity.clone()));
+    // READY=1 once healthy, then the watchdog pings (under systemd only).
+    let mut watchdog = watchdog::Watchdog::start(watched);
     shutdown_signal().await;
     tracing::info!("storebox stopping");
-    server.abort();
+    watchdog.stopping();
+    let _ = drain.send(());
+    if tokio::time::timeout(DRAIN_TIMEOUT, server).await.is_err() {
+        tracing::warn!(
+            "till requests still running after {} s; stopping without them",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
     tokio::task::spawn_blocking(move || activity.close())
         .await
         .context("closing the activity journal")?;

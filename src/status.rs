@@ -121,6 +121,11 @@ impl LiveStatus {
         })
     }
 
+    /// Every module the sync processes have heard of, stored or not.
+    pub fn module_names(&self) -> Vec<String> {
+        self.with(|i| i.modules.keys().cloned().collect())
+    }
+
     pub fn module(&self, module: &str) -> ModuleLive {
         self.with(|i| i.modules.get(module).cloned().unwrap_or_default())
     }

@@ -193,12 +193,12 @@ impl SyncEngine {
                 (false, None, Some((r, modules))) => (Some(*r), modules.clone()),
                 (false, at, _) => (at, Vec::new()),
             };
-            let sleep = async {
+            let sleep = crate::watchdog::idle(crate::watchdog::Loop::Full, async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            };
+            });
             let (modules, reply) = tokio::select! {
                 _ = sleep => (timed_modules, None),
                 order = orders.recv() => match order {
@@ -252,12 +252,12 @@ impl SyncEngine {
             .delta_interval
             .map(|i| tokio::time::Instant::now() + i);
         loop {
-            let sleep = async {
+            let sleep = crate::watchdog::idle(crate::watchdog::Loop::Delta, async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            };
+            });
             let reply = tokio::select! {
                 _ = sleep => None,
                 order = orders.recv() => match order {
@@ -297,7 +297,10 @@ impl SyncEngine {
             // or stored before start.
             tokio::select! {
                 _ = self.push_wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = crate::watchdog::idle(
+                    crate::watchdog::Loop::Push,
+                    tokio::time::sleep(wait),
+                ) => {}
             }
             match self.push_pending().await {
                 Ok(_) => {
@@ -590,6 +593,7 @@ impl SyncEngine {
         report.bytes_sent = link.bytes.sent.load(Ordering::Relaxed) - sent_before;
         report.bytes_received = link.bytes.received.load(Ordering::Relaxed) - received_before;
         report.duration_ms = started.elapsed().as_millis() as u64;
+        crate::metrics::global().record_sync(&report);
         if report.process == "full" {
             self.live.full_done(&report);
         }

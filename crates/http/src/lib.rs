@@ -96,8 +96,35 @@ pub async fn serve<S, F>(
     S: Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_until(listener, tls, state, handler, std::future::pending()).await
+}
+
+/// Like [`serve`], until `shutdown` completes; then drains: closes the listener (new
+/// connections are refused), asks every open connection to finish the request in hand and
+/// close (an idle HTTP/1.1 keep-alive closes at once, HTTP/2 sends GOAWAY), and returns once
+/// all have closed. The caller bounds how long it waits for that.
+pub async fn serve_until<S, F, D>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<S>,
+    handler: fn(Arc<S>, Request<Incoming>) -> F,
+    shutdown: D,
+) where
+    S: Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+    D: Future<Output = ()>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds a clone of `open_tx`; `recv` answers `None` once the last
+    // one has ended, which is when the drain is complete.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = shutdown.as_mut() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Running out of file descriptors is the usual cause; pausing lets
@@ -110,31 +137,51 @@ pub async fn serve<S, F>(
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
         let tls = tls.clone();
+        let mut stop = stop_rx.clone();
+        let open = open_tx.clone();
         tokio::spawn(async move {
+            let _open = open;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handler(state, req).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Serves the connection; when the drain starts, lets the request in hand finish
+            // and closes. (A macro: the two connection types differ only in their stream.)
+            macro_rules! until_drained {
+                ($connection:expr) => {{
+                    let mut connection = std::pin::pin!($connection);
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        // The block drops the watch's read guard before the drain.
+                        _ = async { let _ = stop.wait_for(|stopping| *stopping).await; } => {
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    }
+                }};
+            }
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(tcp).await {
                     Ok(stream) => {
-                        builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
+                        until_drained!(builder.serve_connection(TokioIo::new(stream), service))
                     }
                     Err(e) => {
                         tracing::info!("TLS handshake with {peer} failed: {e}");
                         return;
                     }
                 },
-                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                None => until_drained!(builder.serve_connection(TokioIo::new(tcp), service)),
             };
             if let Err(e) = result {
                 tracing::debug!("connection from {peer} ended: {e}");
             }
         });
     }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
 }
 
 /// The bearer token of a request, if any.
