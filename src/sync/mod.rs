@@ -433,6 +433,18 @@ impl SyncEngine {
                     }
                 }
                 self.apply(applies, &mut report).await?;
+                // Modules the hub left out of its answer had nothing new: they are up to date.
+                for module in modules.keys() {
+                    if !request.skip.contains(module) {
+                        report
+                            .modules
+                            .entry(module.clone())
+                            .or_insert_with(|| ModuleReport {
+                                ok: true,
+                                ..Default::default()
+                            });
+                    }
+                }
                 if !more {
                     return Ok(());
                 }
