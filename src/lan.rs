@@ -49,11 +49,7 @@ async fn route(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let segments: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(h::percent_decode)
-        .collect();
+    let segments = h::path_segments(&path);
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (&method, segs.as_slice()) {
         (&Method::GET, [""]) => crate::statuspage::page(&state),

@@ -683,6 +683,13 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
     let hub = Hub::start(&["shop-i"]).await;
     let config = hub.box_config("shop-i");
     let storebox = support::bin("storebox");
+    let check = |config: &std::path::Path| {
+        std::process::Command::new(&storebox)
+            .args(["config", "check", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
     let out = std::process::Command::new(&storebox)
         .args(["config", "check"])
         .env("STOREBOX_CONFIG", &config)
@@ -705,11 +712,7 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
         "[sync]\ndelta_intervall = \"1m\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(&storebox)
-        .args(["config", "check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check(&config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -724,11 +727,7 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
         "[hub]\nca_file = \"/dev/null\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(&storebox)
-        .args(["config", "check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check(&config);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CA"));
 }

@@ -64,6 +64,15 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     })
 }
 
+/// The segments of a request path, percent-decoded: `/v1/catalog/P%201` gives
+/// `["v1", "catalog", "P 1"]`. Routers match on the slice of it.
+pub fn path_segments(path: &str) -> Vec<String> {
+    path.trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect()
+}
+
 /// Decodes `%XX` escapes (and `+` as a space in queries is not used by our clients, so it is
 /// kept). Invalid escapes are kept as they are.
 pub fn percent_decode(text: &str) -> String {

@@ -43,11 +43,7 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let segments: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(h::percent_decode)
-        .collect();
+    let segments = h::path_segments(&path);
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let route = match segs.as_slice() {
         ["admin", "v1", "stores"] => Route::Stores,
