@@ -712,14 +712,19 @@ pub mod tests {
 
     pub const SECTOR: usize = 512;
 
+    /// splitmix64: deterministic for a given seed, so a failing power-cut case can be
+    /// replayed. Shared with the storage tests.
+    pub fn splitmix64(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
     impl MemDisk {
         fn next(&mut self) -> u64 {
-            // splitmix64: deterministic for a given seed, so a failure can be replayed.
-            self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.rng;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            splitmix64(&mut self.rng)
         }
 
         /// Loses power: each sector written since the last sync survives or not, at random,

@@ -515,3 +515,36 @@ pub fn bytes_h(n: u64) -> String {
         _ => format!("{:.2} MiB", n as f64 / 1_048_576.0),
     }
 }
+
+/// The line under a results page's title: when, on what machine, from which source.
+pub fn machine_line(m: &Value) -> String {
+    format!(
+        "{} · {} × {} · {} · Linux {} · {:.1} GiB RAM · source {}{}\n",
+        m["date"].as_str().unwrap_or("?"),
+        m["nproc"].as_u64().unwrap_or(0),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["arch"].as_str().unwrap_or("?"),
+        m["kernel"].as_str().unwrap_or("?"),
+        m["mem_total_kib"].as_f64().unwrap_or(0.0) / 1_048_576.0,
+        m["source"]["commit"].as_str().unwrap_or("?"),
+        if m["source"]["dirty"] == true {
+            " + uncommitted changes"
+        } else {
+            ""
+        },
+    )
+}
+
+/// Writes `bench/results/<name>.json` and `<name>.md`, and prints the table.
+pub fn write_results(name: &str, results: &Value, table: &str) -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(results)? + "\n",
+    )?;
+    std::fs::write(dir.join(format!("{name}.md")), table)?;
+    println!("\n{table}");
+    println!("written: {}/{name}.{{json,md}}", dir.display());
+    Ok(())
+}

@@ -308,16 +308,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         "footprint": footprint,
     });
     let table = markdown(&results);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(
-        dir.join("core.json"),
-        serde_json::to_string_pretty(&results)? + "\n",
-    )?;
-    std::fs::write(dir.join("core.md"), &table)?;
-    println!("\n{table}");
-    println!("written: {}/core.{{json,md}}", dir.display());
-    Ok(())
+    crate::common::write_results("core", &results, &table)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,22 +551,7 @@ fn markdown(r: &Value) -> String {
         "# storebox core benchmark ({} run)\n",
         r["mode"].as_str().unwrap_or("?")
     );
-    let _ = writeln!(
-        s,
-        "{} · {} × {} · {} · Linux {} · {:.1} GiB RAM · source {}{}\n",
-        m["date"].as_str().unwrap_or("?"),
-        u(&m["nproc"]),
-        m["cpu"].as_str().unwrap_or("?"),
-        m["arch"].as_str().unwrap_or("?"),
-        m["kernel"].as_str().unwrap_or("?"),
-        f(&m["mem_total_kib"]) / 1_048_576.0,
-        m["source"]["commit"].as_str().unwrap_or("?"),
-        if m["source"]["dirty"] == true {
-            " + uncommitted changes"
-        } else {
-            ""
-        },
-    );
+    let _ = writeln!(s, "{}", crate::common::machine_line(m));
     s.push_str("| Measure | storebox | Baseline (same run) | Ratio |\n|---|---|---|---|\n");
     let _ = writeln!(
         s,

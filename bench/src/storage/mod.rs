@@ -290,16 +290,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let targets = targets(&results);
     results["targets"] = targets;
     let table = report::markdown(&results);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(
-        dir.join("storage.json"),
-        serde_json::to_string_pretty(&results)? + "\n",
-    )?;
-    std::fs::write(dir.join("storage.md"), &table)?;
-    println!("\n{table}");
-    println!("written: {}/storage.{{json,md}}", dir.display());
-    Ok(())
+    crate::common::write_results("storage", &results, &table)
 }
 
 /// Flushes the filesystem that holds `dir` (`sync -f`), so that the writeback of what earlier

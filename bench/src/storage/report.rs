@@ -18,22 +18,7 @@ pub fn markdown(r: &Value) -> String {
         "# storebox storage benchmark ({} run)\n",
         r["mode"].as_str().unwrap_or("?")
     );
-    let _ = writeln!(
-        s,
-        "{} · {} × {} · {} · Linux {} · {:.1} GiB RAM · source {}{}\n",
-        m["date"].as_str().unwrap_or("?"),
-        u(&m["nproc"]),
-        m["cpu"].as_str().unwrap_or("?"),
-        m["arch"].as_str().unwrap_or("?"),
-        m["kernel"].as_str().unwrap_or("?"),
-        f(&m["mem_total_kib"]) / 1_048_576.0,
-        m["source"]["commit"].as_str().unwrap_or("?"),
-        if m["source"]["dirty"] == true {
-            " + uncommitted changes"
-        } else {
-            ""
-        },
-    );
+    let _ = writeln!(s, "{}", crate::common::machine_line(m));
     let _ = writeln!(
         s,
         "Load average (1, 5, 15 min) at the start: {}; at the end: {}. The CPUs are shared with \
