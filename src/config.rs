@@ -70,6 +70,12 @@ pub struct HubConfig {
     /// Longest wait for one hub call.
     #[serde(default = "default_hub_timeout")]
     pub timeout: String,
+    /// Cap on what the box sends to the hub, e.g. "256kbit/s", "1Mbit/s", "64kB/s", or "off".
+    #[serde(default = "default_off")]
+    pub upload_cap: String,
+    /// Cap on what the box receives from the hub, in the same form.
+    #[serde(default = "default_off")]
+    pub download_cap: String,
 }
 
 /// The till-facing listener.
@@ -99,6 +105,10 @@ pub struct SyncConfig {
     /// Most events in one push.
     #[serde(default = "default_push_batch")]
     pub push_batch: usize,
+    /// Keep a change watch open on the hub, so changes arrive within seconds; the periodic
+    /// delta pull then runs hourly as a safety net. When false, the periodic pull alone.
+    #[serde(default = "default_true")]
+    pub notify: bool,
 }
 
 /// The local database.
@@ -135,6 +145,9 @@ fn default_delta_interval() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_off() -> String {
+    "off".into()
+}
 fn default_push_batch() -> usize {
     500
 }
@@ -164,6 +177,7 @@ impl Default for SyncConfig {
             delta_interval: default_delta_interval(),
             push: true,
             push_batch: default_push_batch(),
+            notify: true,
         }
     }
 }
@@ -289,6 +303,7 @@ impl BoxConfig {
         self.full_sync_times()?;
         self.delta_interval()?;
         self.hub_timeout()?;
+        self.link_settings()?;
         if !self.hub.url.starts_with("https://") {
             bail!(
                 "[hub] url must start with https:// (got {:?})",
@@ -342,6 +357,16 @@ impl BoxConfig {
     }
 
     /// The longest wait for one hub call.
+    /// The upload and download caps of the hub link.
+    pub fn link_settings(&self) -> anyhow::Result<crate::sync::link::LinkSettings> {
+        Ok(crate::sync::link::LinkSettings {
+            upload_rate: parse_rate(&self.hub.upload_cap)
+                .map_err(|e| anyhow::anyhow!("[hub] upload_cap: {e}"))?,
+            download_rate: parse_rate(&self.hub.download_cap)
+                .map_err(|e| anyhow::anyhow!("[hub] download_cap: {e}"))?,
+        })
+    }
+
     pub fn hub_timeout(&self) -> anyhow::Result<Duration> {
         storebox_protocol::parse_duration(&self.hub.timeout)
             .map_err(|e| anyhow::anyhow!("[hub] timeout: {e}"))
@@ -388,6 +413,42 @@ fn parse_time_of_day(text: &str) -> Option<TimeOfDay> {
 /// The file alone is deserialised over placeholders for the required keys, so the check is
 /// the config type itself and cannot drift from it; a wrong value type is left for the check
 /// of the merged config, which reports it.
+/// Parses a rate as a shop's line is described, into bytes per second: "512kbit/s",
+/// "2Mbit/s", "64kB/s", "1MB/s" ("/s" may be left out; k and M are powers of 1000), or
+/// "off" for no cap.
+pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
+    let text = text.trim();
+    if text == "off" {
+        return Ok(None);
+    }
+    let body = text.strip_suffix("/s").unwrap_or(text);
+    let split = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (number, unit) = body.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let bits_per_unit = match unit.trim() {
+        "bit" => 1.0,
+        "kbit" => 1e3,
+        "Mbit" => 1e6,
+        "B" => 8.0,
+        "kB" => 8e3,
+        "MB" => 8e6,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use kbit/s, Mbit/s, kB/s or MB/s, or \"off\")"
+            ))
+        }
+    };
+    let bytes = n * bits_per_unit / 8.0;
+    if !(1_000.0..=1e10).contains(&bytes) {
+        return Err(format!("{text:?} is out of range (8kbit/s to 80Gbit/s)"));
+    }
+    Ok(Some(bytes as u64))
+}
+
 fn check_keys(table: &toml::Table, file: &Path) -> anyhow::Result<()> {
     let mut probe: toml::Table = toml::from_str(
         "store_id = \"x\"\ndata_dir = \"x\"\n[hub]\nurl = \"https://x\"\nca_file = \"x\"\n",
@@ -419,6 +480,19 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn rates_read_as_a_line_is_described() {
+        use super::parse_rate;
+        assert_eq!(parse_rate("off"), Ok(None));
+        assert_eq!(parse_rate("512kbit/s"), Ok(Some(64_000)));
+        assert_eq!(parse_rate("2Mbit"), Ok(Some(250_000)));
+        assert_eq!(parse_rate("64kB/s"), Ok(Some(64_000)));
+        assert_eq!(parse_rate("1.5MB/s"), Ok(Some(1_500_000)));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10 furlongs").is_err());
+        assert!(parse_rate("1bit/s").is_err());
+    }
+
     use super::*;
 
     const MINIMAL: &str = r#"

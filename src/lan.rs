@@ -6,6 +6,7 @@
 //! the caller who asked for a sync waits for it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use storebox_protocol as proto;
 
 use crate::activity::{Activity, Stored};
 use crate::storage::{BoxStore, StoredEvent};
+use crate::sync::link::Process;
 use crate::sync::SyncEngine;
 
 /// What the LAN listener needs.
@@ -300,12 +302,25 @@ pub fn status(state: &LanState) -> Value {
         BTreeMap::new()
     });
     let link = state.sync.live.link();
-    let bytes: BTreeMap<_, _> = state
-        .sync
-        .bytes()
+    let wire = state.sync.wire();
+    let bytes: BTreeMap<_, _> = Process::ALL
         .into_iter()
-        .map(|(process, (sent, received))| (process, json!({"sent": sent, "received": received})))
+        .map(|p| {
+            let b = wire.process(p);
+            (
+                p.name(),
+                json!({
+                    "sent": b.sent.load(Ordering::Relaxed),
+                    "received": b.received.load(Ordering::Relaxed),
+                    "requests": b.requests.load(Ordering::Relaxed),
+                }),
+            )
+        })
         .collect();
+    let socket_sent = wire.socket.sent.load(Ordering::Relaxed);
+    let socket_received = wire.socket.received.load(Ordering::Relaxed);
+    let body_sent: u64 = bytes.values().filter_map(|b| b["sent"].as_u64()).sum();
+    let body_received: u64 = bytes.values().filter_map(|b| b["received"].as_u64()).sum();
     json!({
         "store_id": state.store_id,
         "version": env!("CARGO_PKG_VERSION"),
@@ -321,7 +336,21 @@ pub fn status(state: &LanState) -> Value {
             "last_ok": rfc3339(link.last_ok_ms),
             "last_error": link.last_error,
         },
+        // Request and answer bodies per process; the socket's own count, TLS and HTTP/2
+        // included, is in "wire".
         "bytes": bytes,
+        "wire": {
+            "sent": socket_sent,
+            "received": socket_received,
+            "overhead": {
+                "sent": socket_sent.saturating_sub(body_sent),
+                "received": socket_received.saturating_sub(body_received),
+            },
+            "connections": wire.connections.load(Ordering::Relaxed),
+            "resumed_connections": wire.resumed.load(Ordering::Relaxed),
+            "watching": state.sync.watching(),
+            "modules": wire.modules(),
+        },
         "storage": {
             "process_write_bytes": process_write_bytes(),
             "journal": journal,

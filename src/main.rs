@@ -218,6 +218,8 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         delta_interval: config.delta_interval()?,
         push: config.sync.push,
         push_batch: config.sync.push_batch,
+        notify: config.sync.notify,
+        link: config.link_settings()?,
     };
     let activity = Arc::new(activity::Activity::open(
         &config.data_dir,

@@ -288,19 +288,61 @@ impl Metrics {
         e.family(
             "storebox_hub_wire_bytes_total",
             "counter",
-            "Bytes that crossed each sync process's socket since start, TLS included.",
+            "Bytes that crossed the hub connection's socket since start, TLS included.",
+        );
+        for direction in ["sent", "received"] {
+            e.sample(
+                "storebox_hub_wire_bytes_total",
+                &[("direction", direction)],
+                num(&doc["wire"][direction]),
+            );
+        }
+        e.family(
+            "storebox_hub_body_bytes_total",
+            "counter",
+            "Request and answer body bytes of each sync process since start.",
         );
         if let Some(bytes) = doc["bytes"].as_object() {
             for (process, b) in bytes {
                 for direction in ["sent", "received"] {
                     e.sample(
-                        "storebox_hub_wire_bytes_total",
+                        "storebox_hub_body_bytes_total",
                         &[("process", process), ("direction", direction)],
                         num(&b[direction]),
                     );
                 }
             }
         }
+        e.family(
+            "storebox_hub_module_bytes_total",
+            "counter",
+            "Payload bytes received for each module since start.",
+        );
+        if let Some(modules) = doc["wire"]["modules"].as_object() {
+            for (module, b) in modules {
+                e.sample(
+                    "storebox_hub_module_bytes_total",
+                    &[("module", module)],
+                    num(b),
+                );
+            }
+        }
+        e.family(
+            "storebox_hub_connections_total",
+            "counter",
+            "Connections opened to the hub since start, and of those, TLS sessions resumed.",
+        );
+        e.sample(
+            "storebox_hub_connections_total",
+            &[("handshake", "full")],
+            num(&doc["wire"]["connections"])
+                .saturating_sub(num(&doc["wire"]["resumed_connections"])),
+        );
+        e.sample(
+            "storebox_hub_connections_total",
+            &[("handshake", "resumed")],
+            num(&doc["wire"]["resumed_connections"]),
+        );
 
         let modules = doc["modules"].as_object();
         let module_gauges: [(&str, &str, &str); 3] = [

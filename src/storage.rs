@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use storebox_protocol::{self as proto, Change};
+use storebox_protocol::{self as proto, Change, ChangeBody};
 
 const RECORDS: TableDefinition<(&str, &str), &str> = TableDefinition::new("records");
 const INDEX: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("index");
@@ -103,6 +103,9 @@ pub enum ApplyKind {
         from_cursor: u64,
         changes: Vec<Change>,
         cursor: u64,
+        /// These changes end a full sync (the hub caught the module up instead of sending
+        /// it whole): the module counts as fully synced.
+        completes_full: bool,
     },
     /// The module's whole content: the local module becomes exactly this.
     Snapshot {
@@ -130,6 +133,9 @@ pub struct Applied {
     /// scan.
     #[serde(skip)]
     pub upserted_new: u64,
+    /// Patches for records the box does not hold: skipped; the module digest check then
+    /// repairs the module.
+    pub unpatchable: u64,
 }
 
 /// The local database.
@@ -228,27 +234,39 @@ impl BoxStore {
     /// module from the hub's copy.
     pub fn digests(&self) -> Result<Vec<proto::ModuleDigest>, StorageError> {
         let modules = self.modules()?;
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let records = txn.open_table(RECORDS).ctx("opening records")?;
         let mut out = Vec::new();
         for (module, state) in modules {
-            let mut digest = proto::Digest::default();
-            for entry in records
-                .range((module.as_str(), "")..)
-                .ctx("scanning records")?
-            {
-                let (key, value) = entry.ctx("reading a record")?;
-                let (m, id) = key.value();
-                if m != module {
-                    break;
-                }
-                digest.add(id, value.value());
-            }
+            let digest = self.module_digest(&module)?;
             out.push(proto::ModuleDigest {
                 module,
                 cursor: state.cursor,
                 digest,
             });
+        }
+        Ok(out)
+    }
+
+    /// One module's digest over the bytes stored.
+    pub fn module_digest(&self, module: &str) -> Result<proto::Digest, StorageError> {
+        let mut digest = proto::Digest::default();
+        for (_, h) in self.record_hashes(module)? {
+            digest.add_hash(h);
+        }
+        Ok(digest)
+    }
+
+    /// (id, [`proto::record_hash`]) of every record of a module, over the bytes stored.
+    pub fn record_hashes(&self, module: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let records = txn.open_table(RECORDS).ctx("opening records")?;
+        let mut out = Vec::new();
+        for entry in records.range((module, "")..).ctx("scanning records")? {
+            let (key, value) = entry.ctx("reading a record")?;
+            let (m, id) = key.value();
+            if m != module {
+                break;
+            }
+            out.push((id.to_owned(), proto::record_hash(id, value.value())));
         }
         Ok(out)
     }
@@ -397,24 +415,36 @@ impl Tables<'_> {
                 from_cursor,
                 changes,
                 cursor,
+                completes_full,
             } => {
                 if before.is_some() && state.cursor != *from_cursor {
                     applied.stale = true;
                     return Ok((applied, false));
                 }
                 for change in changes {
-                    match &change.record {
-                        Some(json) => {
-                            changed |=
-                                self.upsert(m, &change.id, json, &state.indexes, &mut applied)?
+                    let id = change.id.as_str();
+                    match &change.body {
+                        ChangeBody::Put(json) => {
+                            changed |= self.upsert(m, id, json, &state.indexes, &mut applied)?
                         }
-                        None => {
-                            changed |= self.delete(m, &change.id, &state.indexes, &mut applied)?
+                        ChangeBody::Patch(patch) => match self.patched(m, id, patch)? {
+                            Some(json) => {
+                                changed |=
+                                    self.upsert(m, id, &json, &state.indexes, &mut applied)?
+                            }
+                            None => applied.unpatchable += 1,
+                        },
+                        ChangeBody::Delete => {
+                            changed |= self.delete(m, id, &state.indexes, &mut applied)?
                         }
                     }
                 }
                 state.cursor = *cursor;
-                state.last_delta_ok_ms = Some(apply.now_ms);
+                if *completes_full {
+                    state.last_full_ok_ms = Some(apply.now_ms);
+                } else {
+                    state.last_delta_ok_ms = Some(apply.now_ms);
+                }
             }
             ApplyKind::Unchanged { cursor } => {
                 if before.is_none() || state.cursor != *cursor {
@@ -493,6 +523,23 @@ impl Tables<'_> {
             }
         }
         Ok((applied, changed))
+    }
+
+    /// The stored record `id` with a merge patch applied, in canonical form; `None` when the
+    /// box does not hold the record or the patch is not JSON.
+    fn patched(&self, module: &str, id: &str, patch: &str) -> Result<Option<String>, StorageError> {
+        let Some(base) = self.records.get((module, id)).ctx("reading a record")? else {
+            return Ok(None);
+        };
+        let parsed = (
+            serde_json::from_str::<serde_json::Value>(base.value()),
+            serde_json::from_str::<serde_json::Value>(patch),
+        );
+        let (Ok(mut record), Ok(patch)) = parsed else {
+            return Ok(None);
+        };
+        proto::patch::apply(&mut record, &patch);
+        Ok(serde_json::to_string(&record).ok())
     }
 
     fn quarantine_count(&self, module: &str) -> Result<u64, StorageError> {
@@ -717,17 +764,53 @@ mod tests {
                 from_cursor: from,
                 changes,
                 cursor,
+                completes_full: false,
             },
             now_ms: 1,
         }
     }
 
-    fn change(id: &str, seq: u64, record: Option<&str>) -> Change {
+    fn change(id: &str, _seq: u64, record: Option<&str>) -> Change {
         Change {
             id: id.into(),
-            seq,
-            record: record.map(str::to_owned),
+            body: match record {
+                Some(json) => ChangeBody::Put(json.to_owned()),
+                None => ChangeBody::Delete,
+            },
         }
+    }
+
+    #[test]
+    fn patches_apply_to_the_stored_version_and_keep_it_canonical() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BoxStore::open(dir.path(), 4).unwrap();
+        let put = change("a", 1, Some(r#"{"ean13":"111","id":"a","label":"Pain","price":120}"#));
+        store.apply(&[delta("catalog", 0, vec![put], 1)]).unwrap();
+        let patch = |id: &str, p: &str| Change {
+            id: id.into(),
+            body: ChangeBody::Patch(p.into()),
+        };
+        let applied = store
+            .apply(&[delta(
+                "catalog",
+                1,
+                vec![
+                    patch("a", r#"{"price":135,"label":null,"tag":{"z":1,"b":2}}"#),
+                    // No base on the box: skipped and counted, for the digest check to repair.
+                    patch("missing", r#"{"price":1}"#),
+                ],
+                3,
+            )])
+            .unwrap();
+        assert_eq!(applied[0].unpatchable, 1);
+        assert_eq!(
+            store.get("catalog", "a").unwrap().as_deref(),
+            Some(r#"{"ean13":"111","id":"a","price":135,"tag":{"b":2,"z":1}}"#)
+        );
+        assert!(store.get("catalog", "missing").unwrap().is_none());
+        let mut digest = proto::Digest::default();
+        digest.add("a", r#"{"ean13":"111","id":"a","price":135,"tag":{"b":2,"z":1}}"#);
+        assert_eq!(store.module_digest("catalog").unwrap(), digest);
     }
 
     #[test]

@@ -47,7 +47,7 @@ use serde_json::json;
 use support::{Hub, StoreBox};
 
 const STORE: &str = "shop-crash";
-const DELTA_OFF: &str = "[sync]\ndelta_interval = \"off\"\n";
+const DELTA_OFF: &str = "[sync]\ndelta_interval = \"off\"\nnotify = false\n";
 /// Concurrent tills posting sales.
 const TILLS: usize = 6;
 /// SIGKILLs to deliver (the test asserts at least 30 were done).

@@ -266,7 +266,7 @@ fn tills_find_the_box_by_mdns_and_by_udp_probe() {
     std::fs::write(
         dropins.join("50-discovery-test.toml"),
         format!(
-            "[lan]\nlisten = \"{box_ip}:{LAN_PORT}\"\n\n[sync]\ndelta_interval = \"off\"\n\n\
+            "[lan]\nlisten = \"{box_ip}:{LAN_PORT}\"\n\n[sync]\ndelta_interval = \"off\"\nnotify = false\n\n\
              [discovery]\nname = \"{BOX_NAME}\"\nudp_port = {UDP_PORT}\n"
         ),
     )

@@ -15,7 +15,7 @@ use support::{Hub, StoreBox};
 
 const SEED: u64 = 42;
 const MODULES: [&str; 4] = ["config", "catalog", "customers", "promotions"];
-const DELTA_OFF: &str = "[sync]\ndelta_interval = \"off\"\n";
+const DELTA_OFF: &str = "[sync]\ndelta_interval = \"off\"\nnotify = false\n";
 
 /// The box's copy of a module, by id, read record by record over the till API.
 async fn box_module(b: &StoreBox, module: &str, ids: &[String]) -> BTreeMap<String, Value> {
@@ -113,17 +113,25 @@ async fn cold_full_sync_serves_the_generated_store() {
         data.modules["promotions"].len()
     );
 
-    // The hub knows the box acknowledged its cursors.
-    let (s, hub_status) = hub
-        .admin(Method::GET, "/admin/v1/stores/shop-a/status", Bytes::new())
-        .await;
-    assert_eq!(s, StatusCode::OK);
-    for module in MODULES {
-        assert_eq!(
-            hub_status["modules"][module]["acknowledged"], hub_status["modules"][module]["head"],
-            "{hub_status}"
-        );
-    }
+    // The hub learns that the box acknowledged its cursors: the acknowledgement ends the full
+    // sync, after the data is already served and checked.
+    let hub_status = support::wait_for(
+        "the box's acknowledgement",
+        Duration::from_secs(20),
+        || async {
+            let (s, hub_status) = hub
+                .admin(Method::GET, "/admin/v1/stores/shop-a/status", Bytes::new())
+                .await;
+            assert_eq!(s, StatusCode::OK);
+            MODULES
+                .iter()
+                .all(|m| {
+                    hub_status["modules"][m]["acknowledged"] == hub_status["modules"][m]["head"]
+                })
+                .then_some(hub_status)
+        },
+    )
+    .await;
     assert!(hub_status["last_contact"].is_string());
 }
 
@@ -770,4 +778,129 @@ async fn full_sync_repairs_a_record_damaged_on_the_box() {
     assert_eq!(report["modules"]["customers"]["upserted"], 0, "{report}");
     let (_, repaired) = b.get(&format!("/v1/catalog/{id}")).await;
     assert_eq!(&repaired, product);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_the_hub_reaches_the_box_by_notification() {
+    let data = storebox_sim::generate_store(SEED);
+    let hub = Hub::start(&["shop-n"]).await;
+    hub.import_store("shop-n", &data).await;
+    // No periodic pull at all: only the change watch can bring the new price.
+    let b = StoreBox::start(&hub, "shop-n", "[sync]\ndelta_interval = \"off\"\n").await;
+    b.wait_full_sync(&MODULES).await;
+    support::wait_for("the change watch", Duration::from_secs(20), || async {
+        (b.status().await["wire"]["watching"] == true).then_some(())
+    })
+    .await;
+
+    let mut product = data.modules["catalog"][7].clone();
+    product["price_cents"] = json!(4242);
+    let id = product["id"].as_str().unwrap().to_owned();
+    let (s, answer) = hub
+        .admin(
+            Method::PUT,
+            &format!("/admin/v1/stores/shop-n/modules/catalog/records/{id}"),
+            product.to_string(),
+        )
+        .await;
+    assert!(s.is_success(), "{answer}");
+    let started = std::time::Instant::now();
+    support::wait_for(
+        "the new price on the box",
+        Duration::from_secs(10),
+        || async {
+            let (_, got) = b.get(&format!("/v1/catalog/{id}")).await;
+            (got["price_cents"] == 4242).then_some(())
+        },
+    )
+    .await;
+    eprintln!("price change reached the box in {:?}", started.elapsed());
+    // The watch is open again after the pull, and one delta carried the change, as a
+    // patch: a few hundred bytes at most.
+    let status = support::wait_for("the watch re-armed", Duration::from_secs(10), || async {
+        let status = b.status().await;
+        (status["bytes"]["watch"]["requests"].as_u64() >= Some(2)).then_some(status)
+    })
+    .await;
+    assert_eq!(status["bytes"]["delta"]["requests"], 1, "{status}");
+    assert!(
+        status["bytes"]["delta"]["received"].as_u64().unwrap() < 400,
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_sync_repairs_records_damaged_on_the_box() {
+    let data = storebox_sim::generate_store(SEED);
+    let hub = Hub::start(&["shop-r"]).await;
+    hub.import_store("shop-r", &data).await;
+    let mut b = StoreBox::start(&hub, "shop-r", DELTA_OFF).await;
+    b.wait_full_sync(&MODULES).await;
+    if let Some(mut p) = b.proc.take() {
+        p.kill();
+    }
+
+    // Damage the box's database behind its back: a changed product, a lost customer and a
+    // product the hub never had.
+    let db_path = b.config.with_file_name("shop-r-data").join("storebox.redb");
+    let changed_id = data.modules["catalog"][3]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lost_id = data.modules["customers"][9]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    {
+        let records: redb::TableDefinition<(&str, &str), &str> =
+            redb::TableDefinition::new("records");
+        let db = redb::Database::open(&db_path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(records).unwrap();
+            let mut damaged = data.modules["catalog"][3].clone();
+            damaged["price_cents"] = json!(1);
+            table
+                .insert(
+                    ("catalog", changed_id.as_str()),
+                    damaged.to_string().as_str(),
+                )
+                .unwrap();
+            table.remove(("customers", lost_id.as_str())).unwrap();
+            table
+                .insert(("catalog", "ZZ-stray"), r#"{"id":"ZZ-stray"}"#)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    b.restart().await;
+
+    let (s, report) = b.post("/v1/sync/full", Bytes::new()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(report["ok"], true, "{report}");
+    for module in ["catalog", "customers"] {
+        assert_eq!(report["modules"][module]["method"], "repaired", "{report}");
+    }
+    for module in ["config", "promotions"] {
+        assert_eq!(report["modules"][module]["method"], "unchanged", "{report}");
+    }
+    let cost = report["bytes_sent"].as_u64().unwrap() + report["bytes_received"].as_u64().unwrap();
+    assert!(
+        cost < 8_000,
+        "repairing three records cost {cost} bytes: {report}"
+    );
+
+    let (_, got) = b.get(&format!("/v1/catalog/{changed_id}")).await;
+    assert_eq!(got, data.modules["catalog"][3]);
+    let (s, got) = b.get(&format!("/v1/customers/{lost_id}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(got, data.modules["customers"][9]);
+    let (s, _) = b.get("/v1/catalog/ZZ-stray").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Repaired, the next full sync finds nothing to do.
+    let (_, again) = b.post("/v1/sync/full", Bytes::new()).await;
+    for module in MODULES {
+        assert_eq!(again["modules"][module]["method"], "unchanged", "{again}");
+    }
 }

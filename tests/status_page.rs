@@ -27,7 +27,7 @@ const SEED: u64 = 42;
 const STORE: &str = "shop-page";
 const MODULES: [&str; 4] = ["config", "catalog", "customers", "promotions"];
 /// No delta pulls and no push: the events stay pending, so the page's figures hold still.
-const DROPIN: &str = "[sync]\ndelta_interval = \"off\"\npush = false\n";
+const DROPIN: &str = "[sync]\ndelta_interval = \"off\"\nnotify = false\npush = false\n";
 const EVENTS: usize = 5;
 const LOOKUPS: usize = 20;
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -213,11 +213,20 @@ async fn check_metrics(b: &StoreBox, data: &storebox_sim::Store, synced: &Value)
         );
     }
 
-    let wire = "storebox_hub_wire_bytes_total";
-    let received = value(wire, &[("process", "full"), ("direction", "received")]);
+    let body = "storebox_hub_body_bytes_total";
+    let received = value(body, &[("process", "full"), ("direction", "received")]);
     assert!(received > 10_000.0, "{received}");
     assert!(received >= synced["bytes"]["full"]["received"].as_f64().unwrap());
-    assert!(value(wire, &[("process", "full"), ("direction", "sent")]) > 0.0);
+    assert!(value(body, &[("process", "full"), ("direction", "sent")]) > 0.0);
+    // The socket saw the bodies and more: TLS records, HTTP/2 frames, handshakes.
+    let wire = value(
+        "storebox_hub_wire_bytes_total",
+        &[("direction", "received")],
+    );
+    assert!(wire > received, "socket {wire} vs bodies {received}");
+    let catalog = value("storebox_hub_module_bytes_total", &[("module", "catalog")]);
+    assert!(catalog > 1_000.0 && catalog < received, "catalog {catalog}");
+    assert!(value("storebox_hub_connections_total", &[("handshake", "full")]) >= 1.0);
     assert!(value("storebox_journal_write_bytes_total", &[]) > 0.0);
     assert!(value("storebox_journal_commits_total", &[]) >= 1.0);
     assert!(value("storebox_data_dir_free_bytes", &[]) > 0.0);

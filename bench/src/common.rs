@@ -273,7 +273,7 @@ impl BoxProc {
         std::fs::create_dir_all(boxes.join("storebox.d"))?;
         std::fs::write(
             boxes.join("storebox.d/50-bench.toml"),
-            format!("[sync]\ndelta_interval = \"off\"\n{extra_sync}"),
+            format!("[sync]\ndelta_interval = \"off\"\nnotify = false\n{extra_sync}"),
         )?;
         let text = std::fs::read_to_string(&config)?;
         let setting = |key: &str| {

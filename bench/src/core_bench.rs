@@ -439,7 +439,10 @@ struct Activity {
 }
 
 /// A sale of `till` as JSON text split around its id, so each post only formats the id.
-fn sale_template(store: &storebox_sim::Store, till: usize) -> anyhow::Result<(String, String)> {
+pub(crate) fn sale_template(
+    store: &storebox_sim::Store,
+    till: usize,
+) -> anyhow::Result<(String, String)> {
     let catalog = &store.modules["catalog"];
     let customers = &store.modules["customers"];
     // Six lines make a ~600-byte ticket, the size the seed document gives for a sale.

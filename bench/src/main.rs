@@ -11,12 +11,15 @@
 //! - `core` ([`core_bench`]): cold full sync and delta on the wire, durable activity against a naive
 //!   `fdatasync` loop, lookup latency against the router's 404, footprint. Results in
 //!   `bench/results/core.{json,md}`.
+//! - `bandwidth` ([`bandwidth`]): bytes on the shop's link per scenario, counted by a relay,
+//!   against the seed's volumes and zstd -19. Results in `bench/results/bandwidth.{json,md}`.
 //! - `storage` ([`storage`]): what the box costs the flash and how it holds up under tills,
 //!   against SQLite (durable ingest) and nginx (static lookups). Results in
 //!   `bench/results/storage.{json,md}`.
 //!
 //! Every child process is killed when the run ends, fails, panics or is interrupted.
 
+mod bandwidth;
 mod common;
 mod core_bench;
 mod storage;
@@ -25,9 +28,10 @@ use anyhow::bail;
 
 use crate::common::{kill_all_children, RUN_DIR};
 
-const USAGE: &str = "usage: bench [core|storage] [--quick]
+const USAGE: &str = "usage: bench [core|storage|bandwidth] [--quick]
 
   core      the core figures (default): sync on the wire, activity, lookups, footprint
+  bandwidth bytes on the shop's link per scenario, through a counting relay (~2 min)
   storage   flash writes, durable ingest against SQLite, lookups against nginx, idle memory
   --quick   shorter runs (core ~40 s, storage ~1 min)
 
@@ -37,6 +41,7 @@ Then: cargo run --release -p storebox-bench -- [core|storage] [--quick]";
 enum Which {
     Core,
     Storage,
+    Bandwidth,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             "--quick" => quick = true,
             "core" => which = Which::Core,
             "storage" => which = Which::Storage,
+            "bandwidth" => which = Which::Bandwidth,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -73,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             match which {
                 Which::Core => core_bench::run(&core_bench::Plan::new(quick)).await,
                 Which::Storage => storage::run(&storage::Plan::new(quick)).await,
+                Which::Bandwidth => bandwidth::run().await,
             }
         };
         // Returning from here drops the run's future, and with it every process guard.

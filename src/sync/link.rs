@@ -1,11 +1,23 @@
-//! The box's HTTPS link to the hub: one HTTP/2 connection per sync process, opened on demand,
-//! reused while it lives, and counted byte for byte at the socket.
+//! The box's HTTPS link to the hub: one HTTP/2 connection shared by the three sync processes
+//! and the change watch, opened on demand, reused while it lives, resumed (TLS 1.3 tickets)
+//! when it has to be opened again, and counted byte for byte at the socket.
 //!
 //! Only the CA named in the box config is trusted (the hub's certificate is pinned to it);
 //! the store credential goes in the `Authorization` header of every request.
+//!
+//! Accounting: the socket counters are the truth (TLS records, HTTP/2 framing, handshakes).
+//! Each request also adds its body bytes to its process, and the sync engine adds each
+//! module's payload bytes to the module; what the socket saw beyond the bodies is the link's
+//! overhead, shown apart. Requests share one connection, so the overhead cannot be split
+//! honestly between processes.
+//!
+//! Shaping: optional upload and download caps, token buckets over the body streams, served
+//! in priority order: activity push first, then delta pull, then full sync.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,9 +25,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -43,6 +56,8 @@ pub enum LinkError {
     Status { status: StatusCode, message: String },
     #[error("could not build the request: {0}")]
     Request(#[from] http::Error),
+    #[error("the hub's answer is larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// Bytes that crossed the socket, TLS records and HTTP/2 framing included.
@@ -50,6 +65,149 @@ pub enum LinkError {
 pub struct ByteCounters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
+}
+
+/// Who is calling the hub: names the process in the accounting and sets its priority under
+/// shaping (lower first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Process {
+    Push = 0,
+    Watch = 1,
+    Delta = 2,
+    Full = 3,
+}
+
+impl Process {
+    pub const ALL: [Process; 4] = [Process::Push, Process::Watch, Process::Delta, Process::Full];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Process::Push => "push",
+            Process::Watch => "watch",
+            Process::Delta => "delta",
+            Process::Full => "full",
+        }
+    }
+}
+
+/// One process's share of the link.
+#[derive(Debug, Default)]
+pub struct ProcessBytes {
+    /// Request body bytes sent.
+    pub sent: AtomicU64,
+    /// Answer body bytes received.
+    pub received: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// Everything the link counts, for status and metrics.
+#[derive(Debug, Default)]
+pub struct WireStats {
+    /// At the socket, every connection ever opened.
+    pub socket: ByteCounters,
+    pub connections: AtomicU64,
+    /// Connections whose TLS handshake resumed an earlier session.
+    pub resumed: AtomicU64,
+    pub processes: [ProcessBytes; 4],
+    /// Payload bytes received per module.
+    pub modules: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl WireStats {
+    pub fn process(&self, p: Process) -> &ProcessBytes {
+        &self.processes[p as usize]
+    }
+
+    /// Adds a module's payload bytes.
+    pub fn add_module(&self, module: &str, bytes: u64) {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        *modules.entry(module.to_owned()).or_default() += bytes;
+    }
+
+    pub fn modules(&self) -> BTreeMap<String, u64> {
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A token bucket in bytes per second, shared by the processes, that serves waiting
+/// processes in priority order.
+pub struct Shaper {
+    rate: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+    waiting: [AtomicU32; 4],
+}
+
+impl Shaper {
+    pub fn new(bytes_per_second: u64) -> Arc<Shaper> {
+        let rate = bytes_per_second.max(1) as f64;
+        Arc::new(Shaper {
+            rate,
+            // A quarter second of burst: enough to keep the pipe full, too little to swamp
+            // the shop's line.
+            burst: (rate / 4.0).max(CHUNK as f64),
+            state: std::sync::Mutex::new((0.0, tokio::time::Instant::now())),
+            waiting: Default::default(),
+        })
+    }
+
+    /// Waits until `n` bytes may pass for `process`.
+    pub async fn take(&self, n: usize, process: Process) {
+        let p = process as usize;
+        self.waiting[p].fetch_add(1, Ordering::SeqCst);
+        let _done = Decrement(&self.waiting[p]);
+        loop {
+            let wait = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                let (tokens, last) = &mut *state;
+                *tokens =
+                    (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+                *last = now;
+                let ahead = self.waiting[..p]
+                    .iter()
+                    .any(|w| w.load(Ordering::SeqCst) > 0);
+                if !ahead && *tokens >= 0.0 {
+                    // Going into debt lets a chunk larger than the bucket through; the next
+                    // taker waits for it to be paid back.
+                    *tokens -= n as f64;
+                    return;
+                }
+                if ahead {
+                    Duration::from_millis(5)
+                } else {
+                    Duration::from_secs_f64((-*tokens / self.rate).max(0.001))
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+struct Decrement<'a>(&'a AtomicU32);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Bytes per body chunk under shaping: one HTTP/2 frame of the default size.
+const CHUNK: usize = 16 * 1024;
+
+/// Largest answer the box reads from the hub.
+const MAX_ANSWER_BYTES: usize = storebox_protocol::MAX_DECODED_BYTES;
+
+/// Link settings from the box config.
+#[derive(Debug, Clone, Default)]
+pub struct LinkSettings {
+    /// Upload cap in bytes per second.
+    pub upload_rate: Option<u64>,
+    /// Download cap in bytes per second.
+    pub download_rate: Option<u64>,
 }
 
 /// Where and how to reach the hub; shared by the links of all processes.
@@ -118,30 +276,71 @@ impl HubTarget {
     }
 }
 
-/// One process's connection to the hub.
+/// The box's connection to the hub, shared by every process.
 pub struct HubLink {
     target: Arc<HubTarget>,
-    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
-    pub bytes: Arc<ByteCounters>,
+    connection: Mutex<Option<SendRequest<ShapedBody>>>,
+    pub wire: Arc<WireStats>,
+    upload: Option<Arc<Shaper>>,
+    download: Option<Arc<Shaper>>,
+    /// Consecutive failed connection attempts, and when the next one may start.
+    reconnect: std::sync::Mutex<(u32, Option<tokio::time::Instant>)>,
 }
 
+/// Longest wait between two connection attempts.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
 impl HubLink {
-    pub fn new(target: Arc<HubTarget>) -> HubLink {
+    pub fn new(target: Arc<HubTarget>, settings: &LinkSettings) -> HubLink {
         HubLink {
             target,
             connection: Mutex::new(None),
-            bytes: Arc::new(ByteCounters::default()),
+            wire: Arc::new(WireStats::default()),
+            upload: settings.upload_rate.map(Shaper::new),
+            download: settings.download_rate.map(Shaper::new),
+            reconnect: std::sync::Mutex::new((0, None)),
         }
     }
 
-    /// POSTs an encoded message to `path` and returns the answer's body. Opens a connection
-    /// when none is alive; a failed call drops the connection so the next one starts afresh.
-    pub async fn post(&self, path: &str, body: Vec<u8>) -> Result<Bytes, LinkError> {
-        let timeout = self.target.timeout;
-        match tokio::time::timeout(timeout, self.post_inner(path, body)).await {
+    /// The configured time limit of one call.
+    pub fn timeout(&self) -> Duration {
+        self.target.timeout
+    }
+
+    /// POSTs an encoded message to `path` for `process` and returns the answer's body, within
+    /// the configured time limit.
+    pub async fn post(
+        &self,
+        process: Process,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Bytes, LinkError> {
+        self.post_within(process, path, body, self.target.timeout, None)
+            .await
+    }
+
+    /// As [`HubLink::post`], with its own time limit (a change watch waits for minutes), and
+    /// a flag raised while the hub holds the request (sent, no answer yet). A failed call
+    /// drops the connection so the next one starts afresh.
+    pub async fn post_within(
+        &self,
+        process: Process,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+        held: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<Bytes, LinkError> {
+        let result =
+            tokio::time::timeout(timeout, self.post_inner(process, path, body, held)).await;
+        if let Some(flag) = held {
+            flag.store(false, Ordering::Relaxed);
+        }
+        match result {
             Ok(Ok(bytes)) => Ok(bytes),
             Ok(Err(e)) => {
-                *self.connection.lock().await = None;
+                if !matches!(e, LinkError::Status { .. } | LinkError::TooLarge(_)) {
+                    *self.connection.lock().await = None;
+                }
                 Err(e)
             }
             Err(_) => {
@@ -151,19 +350,28 @@ impl HubLink {
         }
     }
 
-    async fn post_inner(&self, path: &str, body: Vec<u8>) -> Result<Bytes, LinkError> {
+    async fn post_inner(
+        &self,
+        process: Process,
+        path: &str,
+        body: Vec<u8>,
+        held: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<Bytes, LinkError> {
         let mut sender = {
             let mut slot = self.connection.lock().await;
             match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let s = self.connect().await?;
+                    let s = self.connect_with_backoff().await?;
                     *slot = Some(s.clone());
                     s
                 }
             }
         };
         sender.ready().await?;
+        let stats = self.wire.process(process);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.sent.fetch_add(body.len() as u64, Ordering::Relaxed);
         let request = Request::post(format!(
             "https://{}:{}{path}",
             self.target.host, self.target.port
@@ -171,10 +379,36 @@ impl HubLink {
         .header(header::AUTHORIZATION, &self.target.authorization)
         .header(header::CONTENT_TYPE, proto::CONTENT_TYPE)
         .header(proto::HEADER_PROTOCOL, proto::PROTOCOL_VERSION.to_string())
-        .body(Full::new(Bytes::from(body)))?;
-        let response = sender.send_request(request).await?;
+        .body(ShapedBody::new(
+            Bytes::from(body),
+            self.upload.clone(),
+            process,
+        ))?;
+        let response = sender.send_request(request);
+        if let Some(flag) = held {
+            flag.store(true, Ordering::Relaxed);
+        }
+        let response = response.await?;
         let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
+        let mut incoming = response.into_body();
+        let mut body = Vec::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame?;
+            if let Some(data) = frame.data_ref() {
+                stats
+                    .received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                if body.len() + data.len() > MAX_ANSWER_BYTES {
+                    return Err(LinkError::TooLarge(MAX_ANSWER_BYTES));
+                }
+                body.extend_from_slice(data);
+                // Not reading holds back HTTP/2 window updates, so the hub waits too.
+                if let Some(shaper) = &self.download {
+                    shaper.take(data.len(), process).await;
+                }
+            }
+        }
+        let body = Bytes::from(body);
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
@@ -185,7 +419,31 @@ impl HubLink {
         Ok(body)
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, LinkError> {
+    /// Opens a connection, first waiting out the pause after earlier failures: a hub that is
+    /// down is not hammered by a box retrying at once, and a thousand boxes cut off at the
+    /// same moment do not all come back in the same second.
+    async fn connect_with_backoff(&self) -> Result<SendRequest<ShapedBody>, LinkError> {
+        let not_before = self.reconnect.lock().unwrap_or_else(|e| e.into_inner()).1;
+        if let Some(at) = not_before {
+            tokio::time::sleep_until(at).await;
+        }
+        match self.connect().await {
+            Ok(sender) => {
+                *self.reconnect.lock().unwrap_or_else(|e| e.into_inner()) = (0, None);
+                Ok(sender)
+            }
+            Err(e) => {
+                let mut reconnect = self.reconnect.lock().unwrap_or_else(|e| e.into_inner());
+                let wait =
+                    super::plan::backoff(reconnect.0, MAX_RECONNECT_WAIT, super::plan::jitter());
+                reconnect.0 = reconnect.0.saturating_add(1);
+                reconnect.1 = Some(tokio::time::Instant::now() + wait);
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ShapedBody>, LinkError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
         let tcp = TcpStream::connect(&addr)
             .await
@@ -196,15 +454,32 @@ impl HubLink {
         let _ = tcp.set_nodelay(true);
         let counted = Counted {
             inner: tcp,
-            bytes: self.bytes.clone(),
+            bytes: self.wire.clone(),
         };
         let connector = tokio_rustls::TlsConnector::from(self.target.tls.clone());
         let tls = connector
             .connect(self.target.server_name.clone(), counted)
             .await
             .map_err(LinkError::Tls)?;
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        self.wire.connections.fetch_add(1, Ordering::Relaxed);
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.wire.resumed.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        // Pings find a dead connection under a held change watch; they are rare because
+        // each costs the shop's line about 80 bytes.
+        builder
+            .keep_alive_interval(Some(Duration::from_secs(240)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        if self.download.is_some() {
+            // A small window makes the hub wait for the box's reads, which the download cap
+            // paces: without it the hub would push megabytes ahead of the cap.
+            builder
+                .initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(128 * 1024);
+        }
+        let (sender, connection) = builder.handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("hub connection ended: {e}");
@@ -214,10 +489,66 @@ impl HubLink {
     }
 }
 
+/// A request body sent in chunks, each waiting for the upload shaper when there is one.
+pub struct ShapedBody {
+    data: Bytes,
+    shaper: Option<Arc<Shaper>>,
+    process: Process,
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl ShapedBody {
+    fn new(data: Bytes, shaper: Option<Arc<Shaper>>, process: Process) -> ShapedBody {
+        ShapedBody {
+            data,
+            shaper,
+            process,
+            waiting: None,
+        }
+    }
+}
+
+impl hyper::body::Body for ShapedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.data.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.data.len().min(CHUNK);
+        if let Some(shaper) = self.shaper.clone() {
+            if self.waiting.is_none() {
+                let process = self.process;
+                self.waiting = Some(Box::pin(async move { shaper.take(n, process).await }));
+            }
+            if let Some(waiting) = self.waiting.as_mut() {
+                if waiting.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            self.waiting = None;
+        }
+        let chunk = self.data.split_to(n);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.len() as u64)
+    }
+}
+
 /// A socket that counts the bytes crossing it.
 struct Counted {
     inner: TcpStream,
-    bytes: Arc<ByteCounters>,
+    bytes: Arc<WireStats>,
 }
 
 impl AsyncRead for Counted {
@@ -229,7 +560,10 @@ impl AsyncRead for Counted {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.bytes.received.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes
+            .socket
+            .received
+            .fetch_add(n as u64, Ordering::Relaxed);
         result
     }
 }
@@ -242,7 +576,10 @@ impl AsyncWrite for Counted {
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &result {
-            self.bytes.sent.fetch_add(*n as u64, Ordering::Relaxed);
+            self.bytes
+                .socket
+                .sent
+                .fetch_add(*n as u64, Ordering::Relaxed);
         }
         result
     }
@@ -253,5 +590,42 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_shaper_holds_the_rate_and_serves_push_first() {
+        let shaper = Shaper::new(100_000);
+        let start = tokio::time::Instant::now();
+        // 1 MB at 100 kB/s: about 10 s, less the first burst.
+        for _ in 0..64 {
+            shaper.take(16_384, Process::Full).await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((9.0..11.0).contains(&took), "took {took} s");
+
+        // A full sync and a push both wait: the push goes first.
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, b) = (shaper.clone(), shaper.clone());
+        let (oa, ob) = (order.clone(), order.clone());
+        let full = tokio::spawn(async move {
+            for _ in 0..5 {
+                a.take(16_384, Process::Full).await;
+                oa.lock().unwrap_or_else(|e| e.into_inner()).push("full");
+            }
+        });
+        tokio::task::yield_now().await;
+        let push = tokio::spawn(async move {
+            b.take(16_384, Process::Push).await;
+            ob.lock().unwrap_or_else(|e| e.into_inner()).push("push");
+        });
+        let _ = tokio::join!(full, push);
+        let order = order.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let push_at = order.iter().position(|p| *p == "push");
+        assert!(push_at.is_some_and(|i| i <= 1), "order {order:?}");
     }
 }

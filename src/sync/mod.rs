@@ -1,10 +1,18 @@
-//! The seed's three sync processes, each its own task with its own hub connection:
+//! The seed's three sync processes, each its own task, sharing one HTTP/2 connection to the
+//! hub (see [`link`]), plus the change watch that wakes the delta pull:
 //!
 //! - **full sync** ([`SyncEngine::run_full`]) at the configured local times, on demand, on a
 //!   new box, and for any module whose delta the hub can no longer serve: uploads pending
 //!   activity, then makes every module exactly the hub's;
 //! - **delta pull** ([`SyncEngine::run_delta`]) every `delta_interval`: the day's changes;
-//! - **activity push** ([`SyncEngine::push_pending`]) as events arrive, in order, in batches.
+//! - **activity push** ([`SyncEngine::push_pending`]) as events arrive, in order, in batches;
+//! - **change watch** (`watch_task`), when switched on: a request the hub holds open until a
+//!   module changes, so a price change reaches the tills in seconds without polling.
+//!
+//! A full sync reconciles rather than downloads: a module the box holds is compared by digest,
+//! caught up by the changes the hub still has, or repaired bucket by bucket; only a module
+//! the box does not hold, or one that reconciliation could not make equal, comes whole. The
+//! result is checked against the hub's digest every time: an exact cancel and replace.
 //!
 //! Each module keeps its own cursor, error and backoff: a module the hub fails to serve, or
 //! whose payload does not decode, is reported and retried later while the others apply.
@@ -25,10 +33,21 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::activity::Activity;
 use crate::status::LiveStatus;
 use crate::storage::{ApplyKind, BoxStore, ModuleApply};
-use link::{HubLink, HubTarget, LinkError};
+use link::{HubLink, HubTarget, LinkError, LinkSettings, Process, WireStats};
 
 /// Longest pause between retries of a failing process or module.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// How long the hub holds a change watch before answering "nothing". Each round costs the
+/// line a few hundred bytes, and keeps NAT state on the shop's router alive.
+const WATCH_WAIT: Duration = Duration::from_secs(600);
+
+/// With a working change watch, the periodic delta pull runs only this often, as a safety net.
+const POLL_UNDER_WATCH: Duration = Duration::from_secs(3600);
+
+/// Rounds of a full sync: compare, then repair what differs, then whole records for what
+/// still differs.
+const FULL_ROUNDS: usize = 3;
 
 /// What one run of a sync process did, as `storebox sync` and `POST /v1/sync/*` show it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -39,8 +58,13 @@ pub struct SyncReport {
     pub error: Option<String>,
     pub modules: BTreeMap<String, ModuleReport>,
     pub activity_pushed: u64,
+    /// Bytes the link's socket sent and received during the run, TLS included (other
+    /// processes running at the same moment count here too).
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Of which request and answer bodies of this run.
+    pub body_bytes_sent: u64,
+    pub body_bytes_received: u64,
     pub duration_ms: u64,
 }
 
@@ -55,6 +79,12 @@ pub struct ModuleReport {
     pub error: Option<String>,
     /// The hub can no longer serve this module's delta: a full sync of it was scheduled.
     pub reset_needed: bool,
+    /// How a full sync made this module exact: "unchanged", "changes", "repaired" or
+    /// "records".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<&'static str>,
+    /// Payload bytes the module's answers carried.
+    pub bytes: u64,
 }
 
 /// The sync settings the engine needs.
@@ -64,9 +94,15 @@ pub struct SyncSettings {
     pub delta_interval: Option<Duration>,
     pub push: bool,
     pub push_batch: usize,
+    /// Keep a change watch open on the hub connection.
+    pub notify: bool,
+    pub link: LinkSettings,
 }
 
 type Reply = oneshot::Sender<SyncReport>;
+
+/// The order queues of the full sync and delta pull tasks, taken when they start.
+type Receivers = (mpsc::Receiver<FullOrder>, mpsc::Receiver<Option<Reply>>);
 
 /// A request to the full sync task: which modules (empty: all), and who waits for the report.
 struct FullOrder {
@@ -80,16 +116,18 @@ pub struct SyncEngine {
     activity: Arc<Activity>,
     pub live: Arc<LiveStatus>,
     settings: SyncSettings,
-    full_link: HubLink,
-    delta_link: HubLink,
-    push_link: HubLink,
+    link: HubLink,
     full_tx: mpsc::Sender<FullOrder>,
-    delta_tx: mpsc::Sender<Reply>,
+    delta_tx: mpsc::Sender<Option<Reply>>,
+    /// When the change watch last had an answer from the hub (ms since the epoch; 0: never).
+    watch_ok_ms: std::sync::atomic::AtomicI64,
+    /// A change watch is held open by the hub right now.
+    watch_open: std::sync::atomic::AtomicBool,
     /// Wakes the push task when a till posts an event.
     pub push_wake: Arc<Notify>,
     /// One push at a time: the push task and a full sync both push.
     push_lock: tokio::sync::Mutex<()>,
-    receivers: std::sync::Mutex<Option<(mpsc::Receiver<FullOrder>, mpsc::Receiver<Reply>)>>,
+    receivers: std::sync::Mutex<Option<Receivers>>,
 }
 
 impl SyncEngine {
@@ -102,40 +140,54 @@ impl SyncEngine {
     ) -> Arc<SyncEngine> {
         let (full_tx, full_rx) = mpsc::channel(16);
         let (delta_tx, delta_rx) = mpsc::channel(16);
+        let link = HubLink::new(target, &settings.link);
         Arc::new(SyncEngine {
             store,
             activity,
             live,
             settings,
-            full_link: HubLink::new(target.clone()),
-            delta_link: HubLink::new(target.clone()),
-            push_link: HubLink::new(target),
+            link,
             full_tx,
             delta_tx,
+            watch_ok_ms: std::sync::atomic::AtomicI64::new(0),
+            watch_open: std::sync::atomic::AtomicBool::new(false),
             push_wake: Arc::new(Notify::new()),
             push_lock: tokio::sync::Mutex::new(()),
             receivers: std::sync::Mutex::new(Some((full_rx, delta_rx))),
         })
     }
 
-    /// Bytes sent and received by each process's link, for status.
+    /// Body bytes sent and received by each process, for status.
     pub fn bytes(&self) -> BTreeMap<&'static str, (u64, u64)> {
-        [
-            ("full", &self.full_link),
-            ("delta", &self.delta_link),
-            ("push", &self.push_link),
-        ]
-        .into_iter()
-        .map(|(name, link)| {
-            (
-                name,
+        Process::ALL
+            .into_iter()
+            .map(|p| {
+                let b = self.link.wire.process(p);
                 (
-                    link.bytes.sent.load(Ordering::Relaxed),
-                    link.bytes.received.load(Ordering::Relaxed),
-                ),
-            )
-        })
-        .collect()
+                    p.name(),
+                    (
+                        b.sent.load(Ordering::Relaxed),
+                        b.received.load(Ordering::Relaxed),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// Everything the hub link counts.
+    pub fn wire(&self) -> &WireStats {
+        &self.link.wire
+    }
+
+    /// Whether the change watch is on and working: held open by the hub now, or answered
+    /// recently.
+    pub fn watching(&self) -> bool {
+        let last = self.watch_ok_ms.load(Ordering::Relaxed);
+        self.settings.notify
+            && (self.watch_open.load(Ordering::Relaxed)
+                || (last > 0
+                    && chrono::Utc::now().timestamp_millis() - last
+                        < (WATCH_WAIT.as_millis() as i64) + 120_000))
     }
 
     /// Starts the three tasks. Call once.
@@ -147,6 +199,7 @@ impl SyncEngine {
         tokio::spawn(self.clone().full_task(full_rx));
         tokio::spawn(self.clone().delta_task(delta_rx));
         tokio::spawn(self.clone().push_task());
+        tokio::spawn(self.clone().watch_task());
     }
 
     /// Asks for a full sync now and waits for its report.
@@ -165,7 +218,7 @@ impl SyncEngine {
     /// Asks for a delta pull now and waits for its report.
     pub async fn delta_now(&self) -> SyncReport {
         let (reply, answer) = oneshot::channel();
-        if self.delta_tx.send(reply).await.is_err() {
+        if self.delta_tx.send(Some(reply)).await.is_err() {
             return stopped("delta");
         }
         answer.await.unwrap_or_else(|_| stopped("delta"))
@@ -245,8 +298,9 @@ impl SyncEngine {
         }
     }
 
-    async fn delta_task(self: Arc<Self>, mut orders: mpsc::Receiver<Reply>) {
+    async fn delta_task(self: Arc<Self>, mut orders: mpsc::Receiver<Option<Reply>>) {
         let mut failures = 0u32;
+        let mut last_run = tokio::time::Instant::now();
         let mut next = self
             .settings
             .delta_interval
@@ -258,13 +312,22 @@ impl SyncEngine {
                     None => std::future::pending().await,
                 }
             });
-            let reply = tokio::select! {
-                _ = sleep => None,
+            let (reply, timed) = tokio::select! {
+                _ = sleep => (None, true),
                 order = orders.recv() => match order {
-                    Some(reply) => Some(reply),
+                    Some(reply) => (reply, false),
                     None => return,
                 },
             };
+            // While the change watch works, the hub tells the box when to pull: the timer
+            // only runs a safety pull now and then.
+            if timed && self.watching() && last_run.elapsed() < POLL_UNDER_WATCH {
+                if let Some(interval) = self.settings.delta_interval {
+                    next = Some(tokio::time::Instant::now() + interval);
+                }
+                continue;
+            }
+            last_run = tokio::time::Instant::now();
             let report = self.run_delta().await;
             if let Some(interval) = self.settings.delta_interval {
                 // After a link failure retry sooner than the interval, so a shop whose line
@@ -318,6 +381,72 @@ impl SyncEngine {
         }
     }
 
+    /// Keeps a change watch open on the hub and pulls a delta when it says a module moved.
+    async fn watch_task(self: Arc<Self>) {
+        if !self.settings.notify {
+            return;
+        }
+        let mut failures = 0u32;
+        loop {
+            let outcome: Result<bool, String> = async {
+                let modules = self.modules().await.map_err(|e| e.to_string())?;
+                // Until the first full sync has brought every module, a watch would only
+                // say "everything changed" and start a delta racing the full sync.
+                if plan::needs_initial_full(&modules) {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    return Ok(true);
+                }
+                let request = proto::WatchRequest {
+                    cursors: plan::delta_request(&modules, &[]).cursors,
+                    wait_ms: WATCH_WAIT.as_millis() as u64,
+                };
+                let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
+                let answer = self
+                    .link
+                    .post_within(
+                        Process::Watch,
+                        proto::PATH_WATCH,
+                        body,
+                        WATCH_WAIT + self.link.timeout(),
+                        Some(&self.watch_open),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let answer: proto::WatchAnswer =
+                    proto::decode(&answer, "a watch answer").map_err(|e| e.to_string())?;
+                self.watch_ok_ms
+                    .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                if answer.changed.is_empty() {
+                    return Ok(true);
+                }
+                tracing::debug!("the hub says {:?} changed: pulling", answer.changed);
+                let (reply, report) = oneshot::channel();
+                self.delta_tx
+                    .send(Some(reply))
+                    .await
+                    .map_err(|_| "the delta task has stopped".to_owned())?;
+                let report = report
+                    .await
+                    .map_err(|_| "the delta task has stopped".to_owned())?;
+                // A pull that could not bring the module up to date would make the watch
+                // answer at once again: pause as after a failure.
+                Ok(report.ok && !report.modules.values().any(|m| m.reset_needed))
+            }
+            .await;
+            match outcome {
+                Ok(true) => failures = 0,
+                Ok(false) | Err(_) => {
+                    let wait = plan::backoff(failures, MAX_BACKOFF, plan::jitter());
+                    failures = failures.saturating_add(1);
+                    if let Err(e) = outcome {
+                        tracing::debug!("change watch failed, again in {}s: {e}", wait.as_secs());
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
     async fn modules(
         &self,
     ) -> Result<BTreeMap<String, crate::storage::ModuleState>, crate::storage::StorageError> {
@@ -353,7 +482,11 @@ impl SyncEngine {
             };
             let n = batch.events.len() as u64;
             let body = proto::encode(&batch, 3).map_err(|e| e.to_string())?;
-            let answer = match self.push_link.post(proto::PATH_ACTIVITY, body).await {
+            let answer = match self
+                .link
+                .post(Process::Push, proto::PATH_ACTIVITY, body)
+                .await
+            {
                 Ok(a) => a,
                 Err(e) => {
                     self.live.link_failed(&e.to_string());
@@ -375,9 +508,7 @@ impl SyncEngine {
 
     /// One delta pull, following `more` until every module is up to date.
     pub async fn run_delta(&self) -> SyncReport {
-        let started = Instant::now();
-        let before = self.delta_link.bytes.sent.load(Ordering::Relaxed);
-        let before_rx = self.delta_link.bytes.received.load(Ordering::Relaxed);
+        let mark = self.mark(Process::Delta);
         let mut report = SyncReport {
             process: "delta",
             ..Default::default()
@@ -388,17 +519,16 @@ impl SyncEngine {
                 let modules = self.modules().await.map_err(|e| e.to_string())?;
                 let request = plan::delta_request(&modules, &self.live.backing_off());
                 let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
-                let answer = self.call(&self.delta_link, proto::PATH_DELTA, body).await?;
+                let answer = self.call(Process::Delta, proto::PATH_DELTA, body).await?;
                 let mut applies = Vec::new();
+                let mut checks = Vec::new();
                 let mut more = false;
                 let now = hub_or_local_time(answer.hub_time_ms);
                 for frame in answer.frames {
-                    if !proto::is_valid_module_name(&frame.module) {
-                        tracing::warn!("ignoring a module with an invalid name from the hub");
+                    let Some(entry) = self.frame_entry(&mut report, &frame) else {
                         continue;
-                    }
-                    let entry = report.modules.entry(frame.module.clone()).or_default();
-                    match proto::decode_plain::<proto::ModuleDelta>(
+                    };
+                    match proto::decode_payload::<proto::ModuleDelta>(
                         &frame.payload,
                         "a module delta",
                     ) {
@@ -406,8 +536,12 @@ impl SyncEngine {
                             changes,
                             cursor,
                             more: module_more,
+                            digest,
                         }) => {
                             more |= module_more;
+                            if let Some(digest) = digest {
+                                checks.push((frame.module.clone(), digest));
+                            }
                             applies.push(ModuleApply {
                                 module: frame.module.clone(),
                                 indexes: frame.indexes,
@@ -415,6 +549,7 @@ impl SyncEngine {
                                     from_cursor: modules.get(&frame.module).map_or(0, |m| m.cursor),
                                     changes,
                                     cursor,
+                                    completes_full: false,
                                 },
                                 now_ms: now,
                             });
@@ -428,11 +563,20 @@ impl SyncEngine {
                             entry.error = Some(format!("the hub failed this module: {error}"));
                         }
                         Err(e) => {
-                            entry.error = Some(e.to_string());
+                            entry.error = Some(format!("the hub's payload does not decode: {e}"));
                         }
                     }
                 }
                 self.apply(applies, &mut report).await?;
+                // A patch applied to a record the box did not hold as the hub thought, or a
+                // damaged record, shows here: a full sync of the module repairs it.
+                for (module, digest) in checks {
+                    if self.verify(&module, &digest).await? == Verified::Differs {
+                        tracing::warn!("module {module}: digest differs after a delta; repairing");
+                        resets.insert(module.clone());
+                        report.modules.entry(module).or_default().reset_needed = true;
+                    }
+                }
                 // Modules the hub left out of its answer had nothing new: they are up to date.
                 for module in modules.keys() {
                     if !request.skip.contains(module) {
@@ -458,71 +602,105 @@ impl SyncEngine {
             }
         }
         if !resets.is_empty() {
-            tracing::info!("the hub asks for a full sync of {resets:?}");
+            tracing::info!("full sync of {resets:?} needed");
             let order = FullOrder {
                 modules: resets.into_iter().collect(),
                 reply: None,
             };
             let _ = self.full_tx.try_send(order);
         }
-        self.finish(report, result, started, &self.delta_link, before, before_rx)
+        self.finish(report, result, mark)
     }
 
-    /// One full sync of `modules` (empty: all): activity first, then every module's snapshot
-    /// applied as an exact cancel-and-replace, then the acknowledgement to the hub.
+    /// One full sync of `modules` (empty: all): activity first, then every module made exactly
+    /// the hub's (compared, caught up, repaired or replaced, and checked by digest), then the
+    /// acknowledgement to the hub.
     pub async fn run_full(&self, modules: Vec<String>) -> SyncReport {
-        let started = Instant::now();
-        let before = self.full_link.bytes.sent.load(Ordering::Relaxed);
-        let before_rx = self.full_link.bytes.received.load(Ordering::Relaxed);
+        let mark = self.mark(Process::Full);
         let mut report = SyncReport {
             process: "full",
             ..Default::default()
         };
         let result: Result<(), String> = async {
             report.activity_pushed = self.push_pending().await?;
-            let store = self.store.clone();
-            let digests = tokio::task::spawn_blocking(move || store.digests())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            let request = proto::FullRequest { modules, digests };
-            let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
-            let answer = self.call(&self.full_link, proto::PATH_FULL, body).await?;
-            let now = hub_or_local_time(answer.hub_time_ms);
-            let mut applies = Vec::new();
-            for frame in answer.frames {
-                if !proto::is_valid_module_name(&frame.module) {
-                    tracing::warn!("ignoring a module with an invalid name from the hub");
-                    continue;
+            let mut todo = modules.clone();
+            let mut whole: Vec<String> = Vec::new();
+            for round in 0..FULL_ROUNDS {
+                let store = self.store.clone();
+                let mut digests = tokio::task::spawn_blocking(move || store.digests())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                if !todo.is_empty() {
+                    digests.retain(|d| todo.contains(&d.module));
                 }
-                let entry = report.modules.entry(frame.module.clone()).or_default();
-                match proto::decode_plain::<proto::ModuleSnapshot>(
-                    &frame.payload,
-                    "a module snapshot",
-                ) {
-                    Ok(proto::ModuleSnapshot::Unchanged { cursor }) => {
-                        applies.push(ModuleApply {
-                            module: frame.module,
-                            indexes: frame.indexes,
-                            kind: ApplyKind::Unchanged { cursor },
-                            now_ms: now,
-                        });
+                let held: BTreeMap<String, u64> = digests
+                    .iter()
+                    .map(|d| (d.module.clone(), d.cursor))
+                    .collect();
+                let request = proto::FullRequest {
+                    modules: todo.clone(),
+                    digests,
+                    records: whole.clone(),
+                };
+                let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
+                let answer = self.call(Process::Full, proto::PATH_FULL, body).await?;
+                let now = hub_or_local_time(answer.hub_time_ms);
+                let mut again = Vec::new();
+                let mut next_whole = Vec::new();
+                // Every module of the round is applied in one transaction, so a till (or the
+                // change watch) never sees some modules of the full sync and not others.
+                let mut applies = Vec::new();
+                let mut checks = Vec::new();
+                for frame in answer.frames {
+                    if self.frame_entry(&mut report, &frame).is_none() {
+                        continue;
                     }
-                    Ok(proto::ModuleSnapshot::Records { records, cursor }) => {
-                        applies.push(ModuleApply {
-                            module: frame.module,
-                            indexes: frame.indexes,
-                            kind: ApplyKind::Snapshot { records, cursor },
-                            now_ms: now,
-                        });
+                    let module = frame.module.clone();
+                    if let Some((apply, check)) = self
+                        .full_module(frame, held.get(&module).copied(), now, &mut report)
+                        .await?
+                    {
+                        applies.extend(apply);
+                        checks.push((module, check));
                     }
-                    Ok(proto::ModuleSnapshot::Failed { error }) => {
-                        entry.error = Some(format!("the hub failed this module: {error}"));
-                    }
-                    Err(e) => entry.error = Some(e.to_string()),
                 }
+                self.apply(applies, &mut report).await?;
+                for (module, check) in checks {
+                    let outcome = match check {
+                        Check::Ready(outcome) => outcome,
+                        Check::Digest { digest, whole } => {
+                            match self.verify(&module, &digest).await? {
+                                Verified::Equal | Verified::Quarantined => FullOutcome::Done,
+                                // Whole records or a repair that still differ: the hub changed
+                                // meanwhile, or the flash is failing. Ask for whole records.
+                                Verified::Differs if whole => FullOutcome::Whole,
+                                Verified::Differs => FullOutcome::Compare,
+                            }
+                        }
+                    };
+                    let last_round = round + 1 == FULL_ROUNDS;
+                    match outcome {
+                        FullOutcome::Done => {}
+                        FullOutcome::Compare if !last_round => again.push(module),
+                        FullOutcome::Whole if !last_round => {
+                            again.push(module.clone());
+                            next_whole.push(module);
+                        }
+                        FullOutcome::Compare | FullOutcome::Whole => {
+                            report.modules.entry(module).or_default().error = Some(
+                                "still differs from the hub after a full sync; retrying later"
+                                    .into(),
+                            );
+                        }
+                    }
+                }
+                if again.is_empty() {
+                    break;
+                }
+                todo = again;
+                whole = next_whole;
             }
-            self.apply(applies, &mut report).await?;
             let modules = self.modules().await.map_err(|e| e.to_string())?;
             let pending = self.activity.pending();
             let ack = proto::Ack {
@@ -531,8 +709,8 @@ impl SyncEngine {
                 box_version: env!("CARGO_PKG_VERSION").to_owned(),
             };
             let body = proto::encode(&ack, 3).map_err(|e| e.to_string())?;
-            self.full_link
-                .post(proto::PATH_ACK, body)
+            self.link
+                .post(Process::Full, proto::PATH_ACK, body)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(())
@@ -544,22 +722,242 @@ impl SyncEngine {
                 None => self.live.module_ok(module, "full"),
             }
         }
-        self.finish(report, result, started, &self.full_link, before, before_rx)
+        self.finish(report, result, mark)
+    }
+
+    /// Turns one module's part of a full sync answer into what to apply and how to check
+    /// it; `None` when the module failed (the error is in the report).
+    async fn full_module(
+        &self,
+        frame: proto::ModuleFrame,
+        held_cursor: Option<u64>,
+        now: i64,
+        report: &mut SyncReport,
+    ) -> Result<Option<(Option<ModuleApply>, Check)>, String> {
+        let module = frame.module.clone();
+        let snapshot = match proto::decode_payload::<proto::ModuleSnapshot>(
+            &frame.payload,
+            "a module snapshot",
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                report.modules.entry(module).or_default().error =
+                    Some(format!("the hub's payload does not decode: {e}"));
+                return Ok(None);
+            }
+        };
+        let (kind, check, method) = match snapshot {
+            proto::ModuleSnapshot::Unchanged { cursor } => (
+                ApplyKind::Unchanged { cursor },
+                Check::Ready(FullOutcome::Done),
+                "unchanged",
+            ),
+            proto::ModuleSnapshot::Records {
+                table,
+                cursor,
+                digest,
+            } => match table.into_records() {
+                Ok(records) => (
+                    ApplyKind::Snapshot { records, cursor },
+                    Check::Digest {
+                        digest,
+                        whole: true,
+                    },
+                    "records",
+                ),
+                Err(e) => {
+                    report.modules.entry(module).or_default().error =
+                        Some(format!("the hub's records do not decode: {e}"));
+                    return Ok(None);
+                }
+            },
+            proto::ModuleSnapshot::Changes {
+                changes,
+                cursor,
+                digest,
+            } => (
+                ApplyKind::Delta {
+                    from_cursor: held_cursor.unwrap_or(0),
+                    changes,
+                    cursor,
+                    completes_full: true,
+                },
+                Check::Digest {
+                    digest,
+                    whole: false,
+                },
+                "changes",
+            ),
+            proto::ModuleSnapshot::Buckets { buckets, .. } => {
+                return self.repair(frame, buckets, now, report).await;
+            }
+            proto::ModuleSnapshot::Failed { error } => {
+                report.modules.entry(module).or_default().error =
+                    Some(format!("the hub failed this module: {error}"));
+                return Ok(None);
+            }
+        };
+        report.modules.entry(module.clone()).or_default().method = Some(method);
+        let apply = ModuleApply {
+            module,
+            indexes: frame.indexes,
+            kind,
+            now_ms: now,
+        };
+        Ok(Some((Some(apply), check)))
+    }
+
+    /// Finds the buckets where the box and the hub differ and asks the hub what to put and
+    /// delete there.
+    async fn repair(
+        &self,
+        frame: proto::ModuleFrame,
+        hub_buckets: Vec<u64>,
+        now: i64,
+        report: &mut SyncReport,
+    ) -> Result<Option<(Option<ModuleApply>, Check)>, String> {
+        let module = frame.module.clone();
+        let bucket_count = hub_buckets.len() as u32;
+        if !(1..=1024).contains(&bucket_count) {
+            report.modules.entry(module).or_default().error =
+                Some(format!("the hub sent {bucket_count} buckets"));
+            return Ok(None);
+        }
+        let store = self.store.clone();
+        let m = module.clone();
+        let (hashes, cursor) = tokio::task::spawn_blocking(move || {
+            let hashes = store.record_hashes(&m)?;
+            let cursor = store.modules()?.get(&m).map_or(0, |s| s.cursor);
+            Ok::<_, crate::storage::StorageError>((hashes, cursor))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let mine =
+            proto::bucket_hashes(hashes.iter().map(|(id, h)| (id.as_str(), *h)), bucket_count);
+        let differing: Vec<u32> = (0..bucket_count)
+            .filter(|&b| mine[b as usize] != hub_buckets[b as usize])
+            .collect();
+        // Past a quarter of the buckets, listing what the box holds costs about what the
+        // records cost: ask for them whole.
+        if differing.len() * 4 > bucket_count as usize && bucket_count >= 4 {
+            return Ok(Some((None, Check::Ready(FullOutcome::Whole))));
+        }
+        let wanted: BTreeSet<u32> = differing.iter().copied().collect();
+        let held: Vec<(String, u64)> = hashes
+            .into_iter()
+            .filter(|(id, _)| wanted.contains(&proto::bucket_of(id, bucket_count)))
+            .collect();
+        let request = proto::RepairRequest {
+            module: module.clone(),
+            bucket_count,
+            buckets: differing,
+            held,
+        };
+        let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
+        let answer = self.call(Process::Full, proto::PATH_REPAIR, body).await?;
+        let Some(frame) = answer.frames.into_iter().find(|f| f.module == module) else {
+            report.modules.entry(module).or_default().error =
+                Some("the hub's repair answer has no frame for the module".into());
+            return Ok(None);
+        };
+        self.frame_entry(report, &frame);
+        match proto::decode_payload::<proto::ModuleSnapshot>(&frame.payload, "a repair") {
+            Ok(proto::ModuleSnapshot::Changes {
+                changes,
+                cursor: to,
+                digest,
+            }) => {
+                report.modules.entry(module.clone()).or_default().method = Some("repaired");
+                let apply = ModuleApply {
+                    module,
+                    indexes: frame.indexes,
+                    kind: ApplyKind::Delta {
+                        from_cursor: cursor,
+                        changes,
+                        cursor: to,
+                        completes_full: true,
+                    },
+                    now_ms: now,
+                };
+                Ok(Some((
+                    Some(apply),
+                    Check::Digest {
+                        digest,
+                        whole: true,
+                    },
+                )))
+            }
+            Ok(proto::ModuleSnapshot::Failed { error }) => {
+                report.modules.entry(module).or_default().error =
+                    Some(format!("the hub failed this module: {error}"));
+                Ok(None)
+            }
+            Ok(_) => Ok(Some((None, Check::Ready(FullOutcome::Whole)))),
+            Err(e) => {
+                report.modules.entry(module).or_default().error =
+                    Some(format!("the hub's payload does not decode: {e}"));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Compares a module's digest over the stored bytes with the hub's.
+    async fn verify(&self, module: &str, digest: &proto::Digest) -> Result<Verified, String> {
+        let store = self.store.clone();
+        let m = module.to_owned();
+        let (mine, quarantined) = tokio::task::spawn_blocking(move || {
+            let digest = store.module_digest(&m)?;
+            let quarantined = store.modules()?.get(&m).map_or(0, |s| s.quarantined);
+            Ok::<_, crate::storage::StorageError>((digest, quarantined))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(if mine == *digest {
+            Verified::Equal
+        } else if quarantined > 0 {
+            // Records the box refused cannot match the hub's: known, reported, not retried.
+            Verified::Quarantined
+        } else {
+            Verified::Differs
+        })
+    }
+
+    /// Checks a frame's module name and counts its bytes; `None` for a frame to ignore.
+    fn frame_entry<'r>(
+        &self,
+        report: &'r mut SyncReport,
+        frame: &proto::ModuleFrame,
+    ) -> Option<&'r mut ModuleReport> {
+        if !proto::is_valid_module_name(&frame.module) {
+            tracing::warn!("ignoring a module with an invalid name from the hub");
+            return None;
+        }
+        let bytes = frame.payload.len() as u64;
+        self.link.wire.add_module(&frame.module, bytes);
+        let entry = report.modules.entry(frame.module.clone()).or_default();
+        entry.bytes += bytes;
+        Some(entry)
     }
 
     /// Posts to the hub and decodes a [`proto::ModulesAnswer`], keeping the link state.
     async fn call(
         &self,
-        link: &HubLink,
+        process: Process,
         path: &str,
         body: Vec<u8>,
     ) -> Result<proto::ModulesAnswer, String> {
-        let answer = link.post(path, body).await.map_err(|e: LinkError| {
-            self.live.link_failed(&e.to_string());
-            e.to_string()
-        })?;
+        let answer = self
+            .link
+            .post(process, path, body)
+            .await
+            .map_err(|e: LinkError| {
+                self.live.link_failed(&e.to_string());
+                e.to_string()
+            })?;
         self.live.link_ok();
-        proto::decode(&answer, "a modules answer").map_err(|e| {
+        proto::decode_plain(&answer, "a modules answer").map_err(|e| {
             let message = format!("the hub's answer does not decode: {e}");
             self.live.link_failed(&message);
             message
@@ -591,26 +989,81 @@ impl SyncEngine {
         Ok(())
     }
 
+    /// The counters at the start of a run.
+    fn mark(&self, process: Process) -> RunMark {
+        let wire = &self.link.wire;
+        let p = wire.process(process);
+        RunMark {
+            process,
+            started: Instant::now(),
+            socket: (
+                wire.socket.sent.load(Ordering::Relaxed),
+                wire.socket.received.load(Ordering::Relaxed),
+            ),
+            body: (
+                p.sent.load(Ordering::Relaxed),
+                p.received.load(Ordering::Relaxed),
+            ),
+        }
+    }
+
     fn finish(
         &self,
         mut report: SyncReport,
         result: Result<(), String>,
-        started: Instant,
-        link: &HubLink,
-        sent_before: u64,
-        received_before: u64,
+        mark: RunMark,
     ) -> SyncReport {
+        let wire = &self.link.wire;
+        let p = wire.process(mark.process);
         report.error = result.err();
         report.ok = report.error.is_none() && report.modules.values().all(|m| m.error.is_none());
-        report.bytes_sent = link.bytes.sent.load(Ordering::Relaxed) - sent_before;
-        report.bytes_received = link.bytes.received.load(Ordering::Relaxed) - received_before;
-        report.duration_ms = started.elapsed().as_millis() as u64;
+        report.bytes_sent = wire.socket.sent.load(Ordering::Relaxed) - mark.socket.0;
+        report.bytes_received = wire.socket.received.load(Ordering::Relaxed) - mark.socket.1;
+        report.body_bytes_sent = p.sent.load(Ordering::Relaxed) - mark.body.0;
+        report.body_bytes_received = p.received.load(Ordering::Relaxed) - mark.body.1;
+        report.duration_ms = mark.started.elapsed().as_millis() as u64;
         crate::metrics::global().record_sync(&report);
         if report.process == "full" {
             self.live.full_done(&report);
         }
         report
     }
+}
+
+/// Counters at the start of a run, to report what the run moved.
+struct RunMark {
+    process: Process,
+    started: Instant,
+    socket: (u64, u64),
+    body: (u64, u64),
+}
+
+/// How to tell, after applying, whether a module is done.
+enum Check {
+    Ready(FullOutcome),
+    /// Compare with the hub's digest; on a difference, ask for whole records (`whole`) or
+    /// compare again.
+    Digest {
+        digest: proto::Digest,
+        whole: bool,
+    },
+}
+
+/// What a full sync round left to do for a module.
+enum FullOutcome {
+    Done,
+    /// Compare again (digests, then buckets).
+    Compare,
+    /// Ask for the records whole.
+    Whole,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verified {
+    Equal,
+    Differs,
+    /// Differs, but the box holds quarantined records of the module, which explains it.
+    Quarantined,
 }
 
 /// The hub's time when it is plausible, else the box's: a box without a real-time clock may

@@ -17,15 +17,21 @@
 //! Deleted records stay in `records` as tombstones until the retention expires; pruning one
 //! raises the module's `horizon`, and a box whose cursor is below it must full-sync.
 //!
+//! A live record also keeps its previous version and the sequence number that version was
+//! written at: a box whose cursor lies between the two holds exactly that version, so its
+//! delta can carry a merge patch against it instead of the whole record.
+//!
 //! This module knows nothing about HTTP; every function is blocking and is called from
-//! `spawn_blocking` by the listeners.
+//! `spawn_blocking` by the listeners. Writers wake the change watches of the store they wrote
+//! to through [`HubStore::subscribe`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use storebox_protocol::{CanonicalRecord, Change, ModuleCursor};
+use storebox_protocol::{self as proto, CanonicalRecord, Change, ChangeBody, Digest, ModuleCursor};
 
 const RECORDS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("records");
 const CHANGES: TableDefinition<(&str, &str, u64), &str> = TableDefinition::new("changes");
@@ -68,6 +74,9 @@ struct StoredRecord {
     deleted_at_ms: Option<i64>,
     /// Canonical JSON; empty for tombstones.
     json: String,
+    /// The version this one replaced, with the sequence number it was written at; `None`
+    /// for a record created (or re-created after a deletion) at `seq`, and for tombstones.
+    prev: Option<(u64, String)>,
 }
 
 /// The newest sequence number of a module and the oldest it can still serve deltas from.
@@ -137,6 +146,20 @@ pub struct PushOutcome {
 /// The hub database.
 pub struct HubStore {
     db: Database,
+    /// Per store: bumped after every committed write, watched by the boxes' change watches.
+    watchers: Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    /// Per (store, module): the digest and record hashes at a head, so a thousand boxes
+    /// checking the same module do not each hash every record.
+    digests: Mutex<HashMap<(String, String), ModuleHashes>>,
+}
+
+/// A module's record hashes at one head.
+#[derive(Clone)]
+pub struct ModuleHashes {
+    pub head: u64,
+    pub digest: Digest,
+    /// (id, record hash) of every live record, in id order.
+    pub hashes: std::sync::Arc<Vec<(String, u64)>>,
 }
 
 impl HubStore {
@@ -159,7 +182,100 @@ impl HubStore {
             txn.open_table(BOX_REPORTS)?;
         }
         txn.commit().context("creating the hub tables")?;
-        Ok(HubStore { db })
+        Ok(HubStore {
+            db,
+            watchers: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A receiver that changes after every write to `store`'s modules.
+    pub fn subscribe(&self, store: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers
+            .entry(store.to_owned())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, store: &str) {
+        let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = watchers.get(store) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The digest and record hashes of a module at its head.
+    pub fn module_hashes(&self, store: &str, module: &str) -> Result<ModuleHashes, StoreError> {
+        let head = self.module_head(store, module)?;
+        let key = (store.to_owned(), module.to_owned());
+        if let Some(cached) = self
+            .digests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            if cached.head == head {
+                return Ok(cached.clone());
+            }
+        }
+        let (records, head) = self.snapshot(store, module)?;
+        let mut digest = Digest::default();
+        let hashes: Vec<(String, u64)> = records
+            .into_iter()
+            .map(|(id, json)| {
+                let h = proto::record_hash(&id, &json);
+                digest.add_hash(h);
+                (id, h)
+            })
+            .collect();
+        let computed = ModuleHashes {
+            head,
+            digest,
+            hashes: std::sync::Arc::new(hashes),
+        };
+        self.digests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, computed.clone());
+        Ok(computed)
+    }
+
+    /// The records a box must put and delete to make the given buckets equal to the hub's:
+    /// every hub record of those buckets the box does not hold with the same hash, and every
+    /// id the box holds there that the hub has not. Returns the changes and the head.
+    pub fn repair(
+        &self,
+        store: &str,
+        module: &str,
+        bucket_count: u32,
+        buckets: &BTreeSet<u32>,
+        held: &HashMap<&str, u64>,
+    ) -> Result<(Vec<Change>, u64), StoreError> {
+        let (records, head) = self.snapshot(store, module)?;
+        let mut changes = Vec::new();
+        let mut live = BTreeSet::new();
+        for (id, json) in records {
+            if !buckets.contains(&proto::bucket_of(&id, bucket_count)) {
+                continue;
+            }
+            if held.get(id.as_str()) != Some(&proto::record_hash(&id, &json)) {
+                changes.push(Change {
+                    id: id.clone(),
+                    body: ChangeBody::Put(json),
+                });
+            }
+            live.insert(id);
+        }
+        for id in held.keys() {
+            if !live.contains(*id) {
+                changes.push(Change {
+                    id: (*id).to_owned(),
+                    body: ChangeBody::Delete,
+                });
+            }
+        }
+        Ok((changes, head))
     }
 
     /// Upserts `records` into a module; with `replace`, deletes every live record not among
@@ -194,6 +310,7 @@ impl HubStore {
             writer.finish()?;
         }
         txn.commit().ctx("committing an import")?;
+        self.notify(store);
         Ok(outcome)
     }
 
@@ -214,6 +331,7 @@ impl HubStore {
             writer.finish()?;
         }
         txn.commit().ctx("committing a record write")?;
+        self.notify(store);
         Ok((outcome, head))
     }
 
@@ -233,6 +351,7 @@ impl HubStore {
             writer.finish()?;
         }
         txn.commit().ctx("committing a record delete")?;
+        self.notify(store);
         Ok(deleted)
     }
 
@@ -286,18 +405,18 @@ impl HubStore {
             }
             let seq = key.value().2;
             let id = id.value().to_owned();
-            let record = match records
+            let body = match records
                 .get((store, module, id.as_str()))
                 .ctx("reading a changed record")?
             {
                 Some(v) => {
                     let stored = decode_record(v.value())?;
-                    stored.deleted_at_ms.is_none().then_some(stored.json)
+                    change_body(stored, cursor)
                 }
-                None => None,
+                None => ChangeBody::Delete,
             };
             last = seq;
-            out.push(Change { id, seq, record });
+            out.push(Change { id, body });
         }
         // Read in the same transaction as the scan, the head is where a complete answer
         // leaves the box.
@@ -620,12 +739,17 @@ impl<'t> ModuleWriter<'t> {
             _ => PutOutcome::Created,
         };
         self.head.head += 1;
+        let previous = current.as_ref().map(|c| c.seq);
+        let prev = current
+            .filter(|c| c.deleted_at_ms.is_none())
+            .map(|c| (c.seq, c.json));
         let stored = StoredRecord {
             seq: self.head.head,
             deleted_at_ms: None,
             json: json.to_owned(),
+            prev,
         };
-        self.write(id, current.map(|c| c.seq), stored)?;
+        self.write(id, previous, stored)?;
         Ok(outcome)
     }
 
@@ -641,6 +765,7 @@ impl<'t> ModuleWriter<'t> {
             seq: self.head.head,
             deleted_at_ms: Some(now_ms),
             json: String::new(),
+            prev: None,
         };
         self.write(id, Some(current.seq), stored)?;
         Ok(true)
@@ -669,6 +794,33 @@ impl<'t> ModuleWriter<'t> {
         }
         Ok(())
     }
+}
+
+/// What a box at `cursor` needs to learn of a record written after it: a merge patch when
+/// the box holds the previous version (written at or before its cursor) and a patch can say
+/// the change, else the whole record.
+fn change_body(stored: StoredRecord, cursor: u64) -> ChangeBody {
+    if stored.deleted_at_ms.is_some() {
+        return ChangeBody::Delete;
+    }
+    if let Some((prev_seq, prev)) = &stored.prev {
+        if *prev_seq <= cursor {
+            let parsed = (
+                serde_json::from_str::<serde_json::Value>(prev),
+                serde_json::from_str::<serde_json::Value>(&stored.json),
+            );
+            if let (Ok(old), Ok(new)) = parsed {
+                if let Some(patch) = proto::patch::diff(&old, &new) {
+                    let patch = patch.to_string();
+                    // A patch is only worth it when it is shorter than the record.
+                    if patch.len() < stored.json.len() {
+                        return ChangeBody::Patch(patch);
+                    }
+                }
+            }
+        }
+    }
+    ChangeBody::Put(stored.json)
 }
 
 fn decode_record(bytes: &[u8]) -> Result<StoredRecord, StoreError> {
@@ -755,9 +907,15 @@ mod tests {
         assert_eq!(cursor, 5);
         assert_eq!(changes.len(), 2);
         // Upserts come first in an import, then the deletions of the replace.
-        assert_eq!(changes[0].record.as_deref(), Some(r#"{"id":"a","p":4}"#));
+        assert_eq!(
+            changes[0].body,
+            ChangeBody::Put(r#"{"id":"a","p":4}"#.into())
+        );
         assert_eq!(changes[1].id, "b");
-        assert_eq!(changes[1].record, None);
+        assert_eq!(changes[1].body, ChangeBody::Delete);
+        // A box at cursor 3 holds a's version of seq 3: it gets a patch against it.
+        let (changes, _, _) = hub.changes_since("s1", "catalog", 3, 100).unwrap().unwrap();
+        assert_eq!(changes[0].body, ChangeBody::Patch(r#"{"p":4}"#.into()));
 
         // Other stores and modules are untouched.
         assert!(hub.snapshot("s2", "catalog").unwrap().0.is_empty());

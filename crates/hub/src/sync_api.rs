@@ -3,8 +3,9 @@
 //! Every answer is built from the database alone, so any number of boxes can be served at
 //! once; the only per-request state is the store the caller's credential names.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
@@ -21,6 +22,15 @@ pub const MAX_SYNC_BODY: usize = 64 * 1024 * 1024;
 /// Most changes per module in one delta answer, whatever the box asks.
 pub const MAX_DELTA_LIMIT: u32 = 50_000;
 
+/// Longest a change watch is held open. The box asks for less; this bounds what a broken or
+/// hostile box can make the hub hold.
+pub const MAX_WATCH: Duration = Duration::from_secs(15 * 60);
+
+/// How many encoded module snapshots the hub keeps. A snapshot is compressed at the slowest
+/// zstd level, which costs about a second for a 1 MB module: boxes syncing the same module
+/// at the same head share one encoding.
+const SNAPSHOT_CACHE: usize = 64;
+
 /// What the sync listener needs.
 pub struct SyncState {
     pub config: HubConfig,
@@ -28,7 +38,12 @@ pub struct SyncState {
     /// Store id by SHA-256 of its credential.
     credentials: BTreeMap<String, String>,
     faults: Faults,
+    /// Encoded `Records` payloads by (store, module, head), oldest first.
+    snapshots: Mutex<VecDeque<(SnapshotKey, Arc<Vec<u8>>)>>,
 }
+
+/// (store, module, head) of an encoded snapshot.
+type SnapshotKey = (String, String, u64);
 
 /// Faults a test can switch on to prove module independence. Present only in debug builds:
 /// a release hub has no way to misbehave on purpose.
@@ -75,7 +90,44 @@ impl SyncState {
             store,
             credentials,
             faults: Faults::from_env(),
+            snapshots: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The encoded `Records` snapshot of a module at `head`, from the cache or made now.
+    fn records_payload(
+        &self,
+        store: &str,
+        module: &str,
+        head: u64,
+        records: Vec<(String, String)>,
+        digest: proto::Digest,
+    ) -> Result<Arc<Vec<u8>>, String> {
+        let key = (store.to_owned(), module.to_owned(), head);
+        if let Some((_, payload)) = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
+            return Ok(payload.clone());
+        }
+        let table = proto::RecordTable::from_records(&records).map_err(|e| e.to_string())?;
+        let snapshot = proto::ModuleSnapshot::Records {
+            table,
+            cursor: head,
+            digest,
+        };
+        let payload = Arc::new(
+            proto::encode(&snapshot, proto::PAYLOAD_ZSTD_LEVEL).map_err(|e| e.to_string())?,
+        );
+        let mut cache = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= SNAPSHOT_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((key, payload.clone()));
+        Ok(payload)
     }
 
     fn store_for(&self, credential: &str) -> Option<String> {
@@ -112,11 +164,18 @@ pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<B
         Ok(b) => b,
         Err(response) => return response,
     };
+    if path == proto::PATH_WATCH {
+        return match watch(&state, &store, &body).await {
+            Ok(bytes) => answer(bytes),
+            Err(response) => response,
+        };
+    }
     let worker = state.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Response<Body>> {
         match path.as_str() {
             proto::PATH_DELTA => delta(&worker, &store, &body),
             proto::PATH_FULL => full(&worker, &store, &body),
+            proto::PATH_REPAIR => repair(&worker, &store, &body),
             proto::PATH_ACTIVITY => activity(&worker, &store, &body),
             proto::PATH_ACK => ack(&worker, &store, &body),
             _ => Err(h::error(
@@ -128,14 +187,18 @@ pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<B
     })
     .await;
     match result {
-        Ok(Ok(bytes)) => Response::builder()
-            .status(StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, proto::CONTENT_TYPE)
-            .body(Body::from(bytes))
-            .unwrap_or_else(|_| h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "")),
+        Ok(Ok(bytes)) => answer(bytes),
         Ok(Err(response)) => response,
         Err(e) => h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
     }
+}
+
+fn answer(bytes: Vec<u8>) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, proto::CONTENT_TYPE)
+        .body(Body::from(bytes))
+        .unwrap_or_else(|_| h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", ""))
 }
 
 fn bad_request(e: impl std::fmt::Display) -> Response<Body> {
@@ -160,15 +223,33 @@ fn frame<T: serde::Serialize>(
     module: &crate::config::ModuleConfig,
     payload: &T,
 ) -> Result<proto::ModuleFrame, Response<Body>> {
-    let mut bytes = proto::encode_plain(payload).map_err(internal)?;
+    let bytes = proto::encode(payload, proto::PAYLOAD_ZSTD_LEVEL).map_err(internal)?;
+    Ok(frame_from(state, module, bytes))
+}
+
+/// A module's frame around an already encoded payload.
+fn frame_from(
+    state: &SyncState,
+    module: &crate::config::ModuleConfig,
+    mut bytes: Vec<u8>,
+) -> proto::ModuleFrame {
     if state.faults.corrupt.contains(&module.name) {
         bytes = vec![0xff; 7];
     }
-    Ok(proto::ModuleFrame {
+    proto::ModuleFrame {
         module: module.name.clone(),
         indexes: module.indexes.clone(),
         payload: bytes,
+    }
+}
+
+/// The answer carrying module frames: not compressed as a whole, each payload already is.
+fn modules_answer(now: i64, frames: Vec<proto::ModuleFrame>) -> Result<Vec<u8>, Response<Body>> {
+    proto::encode_plain(&proto::ModulesAnswer {
+        hub_time_ms: now,
+        frames,
     })
+    .map_err(internal)
 }
 
 fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
@@ -196,11 +277,28 @@ fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respons
                 .store
                 .changes_since(store, &module.name, cursor, limit)
             {
-                Ok(Some((changes, cursor, more))) => proto::ModuleDelta::Changes {
-                    changes,
-                    cursor,
-                    more,
-                },
+                Ok(Some((changes, cursor, more))) => {
+                    // The digest lets the box check the result; it is only worth computing
+                    // when something changed.
+                    let digest = if more || changes.is_empty() {
+                        None
+                    } else {
+                        match state.store.module_hashes(store, &module.name) {
+                            Ok(h) if h.head == cursor => Some(h.digest),
+                            Ok(_) => None,
+                            Err(e) => {
+                                tracing::error!("store {store}, module {}: {e}", module.name);
+                                None
+                            }
+                        }
+                    };
+                    proto::ModuleDelta::Changes {
+                        changes,
+                        cursor,
+                        more,
+                        digest,
+                    }
+                }
                 Ok(None) => proto::ModuleDelta::ResetNeeded,
                 Err(e) => {
                     // One module's storage trouble must not cost the others their update.
@@ -223,13 +321,7 @@ fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respons
         }
         frames.push(frame(state, module, &payload)?);
     }
-    encode_answer(
-        state,
-        &proto::ModulesAnswer {
-            hub_time_ms: now,
-            frames,
-        },
-    )
+    modules_answer(now, frames)
 }
 
 fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
@@ -245,44 +337,194 @@ fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response
         if !request.modules.is_empty() && !request.modules.contains(&module.name) {
             continue;
         }
-        let payload = if state.faults.fail.contains(&module.name) {
-            proto::ModuleSnapshot::Failed {
+        if state.faults.fail.contains(&module.name) {
+            let payload = proto::ModuleSnapshot::Failed {
                 error: "fault injected for tests".into(),
+            };
+            frames.push(frame(state, module, &payload)?);
+            continue;
+        }
+        let held = request
+            .digests
+            .iter()
+            .find(|d| d.module == module.name)
+            .filter(|d| d.digest.count > 0 && !request.records.contains(&module.name));
+        match full_module(state, store, &module.name, held) {
+            Ok(payload) => frames.push(frame_from(state, module, payload)),
+            Err(e) => {
+                tracing::error!("store {store}, module {}: {e}", module.name);
+                let payload = proto::ModuleSnapshot::Failed { error: e };
+                frames.push(frame(state, module, &payload)?);
             }
-        } else {
-            match state.store.snapshot(store, &module.name) {
-                Ok((records, cursor)) => {
-                    let held = request.digests.iter().find(|d| d.module == module.name);
-                    let same = held.is_some_and(|held| {
-                        let mut digest = proto::Digest::default();
-                        for (id, json) in &records {
-                            digest.add(id, json);
-                        }
-                        held.cursor == cursor && held.digest == digest
-                    });
-                    if same {
-                        proto::ModuleSnapshot::Unchanged { cursor }
-                    } else {
-                        proto::ModuleSnapshot::Records { records, cursor }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("store {store}, module {}: {e}", module.name);
-                    proto::ModuleSnapshot::Failed {
-                        error: e.to_string(),
-                    }
-                }
-            }
-        };
-        frames.push(frame(state, module, &payload)?);
+        }
     }
-    encode_answer(
-        state,
-        &proto::ModulesAnswer {
-            hub_time_ms: now,
-            frames,
+    modules_answer(now, frames)
+}
+
+/// One module's part of a full sync, encoded: the cheapest answer that makes the box's module
+/// exactly the hub's.
+fn full_module(
+    state: &SyncState,
+    store: &str,
+    module: &str,
+    held: Option<&proto::ModuleDigest>,
+) -> Result<Vec<u8>, String> {
+    let hashes = state
+        .store
+        .module_hashes(store, module)
+        .map_err(|e| e.to_string())?;
+    let encode = |s: &proto::ModuleSnapshot| {
+        proto::encode(s, proto::PAYLOAD_ZSTD_LEVEL).map_err(|e| e.to_string())
+    };
+    let Some(held) = held else {
+        // A box that holds nothing of the module gets every record.
+        let (records, head) = state
+            .store
+            .snapshot(store, module)
+            .map_err(|e| e.to_string())?;
+        let digest = if head == hashes.head {
+            hashes.digest
+        } else {
+            let mut d = proto::Digest::default();
+            for (id, json) in &records {
+                d.add(id, json);
+            }
+            d
+        };
+        return state
+            .records_payload(store, module, head, records, digest)
+            .map(|p| p.as_ref().clone());
+    };
+    if held.cursor == hashes.head && held.digest == hashes.digest {
+        return encode(&proto::ModuleSnapshot::Unchanged {
+            cursor: hashes.head,
+        });
+    }
+    // The box missed some changes but the hub still has them all: they and a digest check
+    // cost what a delta costs.
+    if held.cursor < hashes.head {
+        if let Some((changes, cursor, false)) = state
+            .store
+            .changes_since(store, module, held.cursor, MAX_DELTA_LIMIT as usize)
+            .map_err(|e| e.to_string())?
+        {
+            if cursor == hashes.head {
+                return encode(&proto::ModuleSnapshot::Changes {
+                    changes,
+                    cursor,
+                    digest: hashes.digest,
+                });
+            }
+        }
+    }
+    // The box's records differ in a way the change log cannot tell (damage, a cursor the
+    // hub cannot serve): compare bucket by bucket.
+    let count = proto::bucket_count_for(hashes.digest.count);
+    let buckets =
+        proto::bucket_hashes(hashes.hashes.iter().map(|(id, h)| (id.as_str(), *h)), count);
+    encode(&proto::ModuleSnapshot::Buckets {
+        cursor: hashes.head,
+        digest: hashes.digest,
+        buckets,
+    })
+}
+
+fn repair(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
+    let request: proto::RepairRequest =
+        proto::decode(body, "a repair request").map_err(bad_request)?;
+    let Some(module) = state
+        .config
+        .modules
+        .iter()
+        .find(|m| m.name == request.module)
+    else {
+        return Err(h::error(
+            StatusCode::NOT_FOUND,
+            "unknown_module",
+            format!("this hub has no module {:?}", request.module),
+        ));
+    };
+    if request.bucket_count == 0 || request.bucket_count > 1024 {
+        return Err(bad_request("bucket_count must be 1 to 1024"));
+    }
+    if let Some(b) = request.buckets.iter().find(|b| **b >= request.bucket_count) {
+        return Err(bad_request(format!("bucket {b} is out of range")));
+    }
+    let buckets: BTreeSet<u32> = request.buckets.iter().copied().collect();
+    let held: HashMap<&str, u64> = request
+        .held
+        .iter()
+        .map(|(id, h)| (id.as_str(), *h))
+        .collect();
+    let now = crate::now_ms();
+    let payload = match state
+        .store
+        .repair(store, &module.name, request.bucket_count, &buckets, &held)
+        .and_then(|(changes, head)| {
+            let hashes = state.store.module_hashes(store, &module.name)?;
+            Ok((changes, head, hashes))
+        }) {
+        Ok((changes, head, hashes)) => proto::ModuleSnapshot::Changes {
+            changes,
+            cursor: head,
+            digest: hashes.digest,
         },
-    )
+        Err(e) => proto::ModuleSnapshot::Failed {
+            error: e.to_string(),
+        },
+    };
+    modules_answer(now, vec![frame(state, module, &payload)?])
+}
+
+/// Holds a change watch until one of the store's modules moves past the box's cursor, or the
+/// wait runs out.
+async fn watch(
+    state: &Arc<SyncState>,
+    store: &str,
+    body: &[u8],
+) -> Result<Vec<u8>, Response<Body>> {
+    let request: proto::WatchRequest =
+        proto::decode(body, "a watch request").map_err(bad_request)?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(MAX_WATCH);
+    // Subscribe before looking, so a write between the look and the wait is not missed.
+    let mut changes = state.store.subscribe(store);
+    loop {
+        changes.borrow_and_update();
+        let worker = state.clone();
+        let cursors = request.cursors.clone();
+        let store_id = store.to_owned();
+        let changed = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
+            let mut changed = Vec::new();
+            for module in &worker.config.modules {
+                let cursor = cursors
+                    .iter()
+                    .find(|c| c.module == module.name)
+                    .map(|c| c.cursor);
+                let head = worker
+                    .store
+                    .module_head(&store_id, &module.name)
+                    .map_err(|e| e.to_string())?;
+                if cursor.is_none_or(|c| c != head) {
+                    changed.push(module.name.clone());
+                }
+            }
+            Ok(changed)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        if !changed.is_empty() {
+            return proto::encode(&proto::WatchAnswer { changed }, 3).map_err(internal);
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => continue,
+            // The wait ran out, or the hub is shutting down: nothing changed.
+            Ok(Err(_)) | Err(_) => {
+                return proto::encode(&proto::WatchAnswer { changed }, 3).map_err(internal)
+            }
+        }
+    }
 }
 
 fn activity(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
@@ -345,5 +587,10 @@ pub fn tls_acceptor(
         .with_single_cert(certs, key)
         .context("loading the hub certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Session resumption saves a box reconnecting after a line cut the certificate chain and
+    // most of a handshake. Stateless tickets keep it working across hub restarts and
+    // replicas sharing the key; one ticket per handshake is all a box uses.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().context("creating the TLS ticketer")?;
+    config.send_tls13_tickets = 1;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -15,26 +15,43 @@
 
 use std::io::Read;
 
+pub mod patch;
+pub mod table;
+
+pub use table::{Column, RecordTable, TableError};
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this crate. Sent by the box in [`HEADER_PROTOCOL`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Header carrying [`PROTOCOL_VERSION`] on every request, so the hub can refuse or adapt.
 pub const HEADER_PROTOCOL: &str = "storebox-protocol";
 
 /// Media type of every sync request and answer body: a zstd frame holding a postcard message.
-pub const CONTENT_TYPE: &str = "application/vnd.storebox.v1+postcard";
+pub const CONTENT_TYPE: &str = "application/vnd.storebox.v2+postcard";
 
 /// Path of the delta pull: the box sends its cursors, the hub answers with what changed.
-pub const PATH_DELTA: &str = "/sync/v1/delta";
+pub const PATH_DELTA: &str = "/sync/v2/delta";
 /// Path of the full sync: the hub answers with a snapshot of every requested module.
-pub const PATH_FULL: &str = "/sync/v1/full";
+pub const PATH_FULL: &str = "/sync/v2/full";
+/// Path of the repair step of a full sync: the box lists what it holds in the buckets whose
+/// hashes differ, the hub answers with the records to put and delete.
+pub const PATH_REPAIR: &str = "/sync/v2/repair";
+/// Path of the change watch: held open by the hub until a module changes.
+pub const PATH_WATCH: &str = "/sync/v2/watch";
 /// Path of the activity push: the box sends events recorded in the shop.
-pub const PATH_ACTIVITY: &str = "/sync/v1/activity";
+pub const PATH_ACTIVITY: &str = "/sync/v2/activity";
 /// Path of the acknowledgement: the box tells the hub which cursors it has applied.
-pub const PATH_ACK: &str = "/sync/v1/ack";
+pub const PATH_ACK: &str = "/sync/v2/ack";
+
+/// zstd level of module payloads: these are small (a delta) or cached by the hub (a
+/// snapshot), so the slowest level costs little time and saves the shop's link.
+pub const PAYLOAD_ZSTD_LEVEL: i32 = 19;
+
+/// Largest decoded module payload either side accepts.
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024 * 1024;
 
 /// Largest decoded message either side accepts, a guard against decompression bombs.
 pub const MAX_DECODED_BYTES: usize = 256 * 1024 * 1024;
@@ -91,6 +108,35 @@ pub struct FullRequest {
     /// stores. A module whose digest and cursor match the hub's is answered `Unchanged`:
     /// a full sync that finds nothing to do costs a few hundred bytes, not the whole store.
     pub digests: Vec<ModuleDigest>,
+    /// Modules the box wants as whole record sets whatever it holds: the last resort when
+    /// reconciliation did not make them equal.
+    pub records: Vec<String>,
+}
+
+/// The repair step of a full sync, after a [`ModuleSnapshot::Buckets`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairRequest {
+    pub module: String,
+    /// The number of buckets of the hub's answer.
+    pub bucket_count: u32,
+    /// Buckets whose hashes differ between box and hub.
+    pub buckets: Vec<u32>,
+    /// Every record the box holds in those buckets: its id and [`record_hash`].
+    pub held: Vec<(String, u64)>,
+}
+
+/// Waits for a change: the hub answers when a module moves past the box's cursor, or after
+/// `wait_ms` with nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {
+    pub cursors: Vec<ModuleCursor>,
+    pub wait_ms: u64,
+}
+
+/// The modules that moved past the box's cursors; empty when the wait ran out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchAnswer {
+    pub changed: Vec<String>,
 }
 
 /// A module's content in a few bytes: its cursor and the [`Digest`] of its records.
@@ -114,11 +160,44 @@ pub struct Digest {
 impl Digest {
     /// Adds one record.
     pub fn add(&mut self, id: &str, json: &str) {
-        let h = record_hash(id, json);
+        self.add_hash(record_hash(id, json));
+    }
+
+    /// Adds one record by its [`record_hash`].
+    pub fn add_hash(&mut self, h: u64) {
         self.count += 1;
         self.sum = self.sum.wrapping_add(h);
         self.xor ^= h;
     }
+
+    /// The digest folded into one word, for bucket hashes.
+    pub fn fold(&self) -> u64 {
+        self.xor ^ self.sum.rotate_left(29) ^ self.count.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+/// How many buckets the hub cuts a module of `count` records into for reconciliation: about
+/// 64 records per bucket, so one damaged record costs the box a list of some 64 ids, and the
+/// bucket hashes of a 5,000-record module fit in 1 KiB.
+pub fn bucket_count_for(count: u64) -> u32 {
+    (count / 64).clamp(1, 1024).next_power_of_two() as u32
+}
+
+/// The bucket of a record: from its id alone, so a changed record stays in its bucket.
+pub fn bucket_of(id: &str, bucket_count: u32) -> u32 {
+    (record_hash(id, "") % u64::from(bucket_count.max(1))) as u32
+}
+
+/// The folded digest of every bucket of a set of records, given as (id, record hash).
+pub fn bucket_hashes<'a>(
+    records: impl IntoIterator<Item = (&'a str, u64)>,
+    bucket_count: u32,
+) -> Vec<u64> {
+    let mut digests = vec![Digest::default(); bucket_count.max(1) as usize];
+    for (id, hash) in records {
+        digests[bucket_of(id, bucket_count) as usize].add_hash(hash);
+    }
+    digests.iter().map(Digest::fold).collect()
 }
 
 /// The 64-bit hash of a record: the first 8 bytes of SHA-256 over its id, a zero byte, and
@@ -142,9 +221,10 @@ pub struct ModulesAnswer {
     pub frames: Vec<ModuleFrame>,
 }
 
-/// One module's part of an answer. `payload` is a postcard-encoded [`ModuleDelta`] (delta
-/// pull) or [`ModuleSnapshot`] (full sync), kept as bytes so that one module the box cannot
-/// decode does not stop the others.
+/// One module's part of an answer. `payload` is a [`ModuleDelta`] (delta pull) or a
+/// [`ModuleSnapshot`] (full sync), encoded by [`encode`] on its own, kept as bytes so that one
+/// module the box cannot decode does not stop the others, and so its size on the wire is
+/// known module by module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleFrame {
     pub module: String,
@@ -162,6 +242,9 @@ pub enum ModuleDelta {
         cursor: u64,
         /// More changes wait beyond `cursor`: ask again at once.
         more: bool,
+        /// The hub's digest of the module at `cursor`, when `more` is false: the box checks
+        /// that applying the changes gave it exactly the hub's records.
+        digest: Option<Digest>,
     },
     /// The box's cursor is older than the oldest deletion the hub still remembers: only a
     /// full sync of this module can make it exact.
@@ -174,23 +257,47 @@ pub enum ModuleDelta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub id: String,
-    pub seq: u64,
-    /// The record's canonical JSON text, or `None` when the record was deleted.
-    pub record: Option<String>,
+    pub body: ChangeBody,
+}
+
+/// What became of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeBody {
+    /// The record's whole canonical JSON text.
+    Put(String),
+    /// A JSON merge patch (RFC 7386) against the version the box holds at its cursor: the
+    /// hub sends one only when it knows that version, and the module digest checks it.
+    Patch(String),
+    Delete,
 }
 
 /// A module's whole content at one cursor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModuleSnapshot {
+    /// Every live record, in id order, laid out in columns.
     Records {
-        /// Every live record, as (id, canonical JSON text), in id order.
-        records: Vec<(String, String)>,
+        table: RecordTable,
         /// The module's change sequence at the time of the snapshot.
         cursor: u64,
+        digest: Digest,
     },
     /// The box's digest and cursor match the hub's: nothing to send.
     Unchanged {
         cursor: u64,
+    },
+    /// The box's cursor is one the hub can still serve changes from: these changes, then
+    /// the digest check, make the module exact for the price of a delta.
+    Changes {
+        changes: Vec<Change>,
+        cursor: u64,
+        digest: Digest,
+    },
+    /// The box's records differ from the hub's in ways a delta cannot tell: the hub's hash
+    /// of each bucket, for the box to find which differ and ask by [`RepairRequest`].
+    Buckets {
+        cursor: u64,
+        digest: Digest,
+        buckets: Vec<u64>,
     },
     Failed {
         error: String,
@@ -260,12 +367,21 @@ pub fn decode<T: DeserializeOwned>(body: &[u8], what: &'static str) -> Result<T,
     decode_plain(&raw, what)
 }
 
-/// Encodes a module payload (not compressed: the whole answer is compressed once).
+/// Decodes a module payload made by [`encode`], bounded by [`MAX_PAYLOAD_BYTES`].
+pub fn decode_payload<T: DeserializeOwned>(
+    payload: &[u8],
+    what: &'static str,
+) -> Result<T, WireError> {
+    let raw = decompress(payload, MAX_PAYLOAD_BYTES)?;
+    decode_plain(&raw, what)
+}
+
+/// Encodes without compression: an answer whose frames are compressed one by one.
 pub fn encode_plain<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
     postcard::to_stdvec(message).map_err(WireError::Encode)
 }
 
-/// Decodes a module payload made by [`encode_plain`].
+/// Decodes a message made by [`encode_plain`].
 pub fn decode_plain<T: DeserializeOwned>(raw: &[u8], what: &'static str) -> Result<T, WireError> {
     postcard::from_bytes(raw).map_err(|source| WireError::Decode { what, source })
 }
@@ -374,31 +490,51 @@ mod tests {
             changes: vec![
                 Change {
                     id: "P1".into(),
-                    seq: 7,
-                    record: Some(r#"{"id":"P1"}"#.into()),
+                    body: ChangeBody::Put(r#"{"id":"P1"}"#.into()),
                 },
                 Change {
                     id: "P2".into(),
-                    seq: 8,
-                    record: None,
+                    body: ChangeBody::Patch(r#"{"p":2}"#.into()),
+                },
+                Change {
+                    id: "P3".into(),
+                    body: ChangeBody::Delete,
                 },
             ],
             cursor: 8,
             more: false,
+            digest: Some(Digest::default()),
         };
         let answer = ModulesAnswer {
             hub_time_ms: 1,
             frames: vec![ModuleFrame {
                 module: "catalog".into(),
                 indexes: vec!["ean13".into()],
-                payload: encode_plain(&delta).unwrap(),
+                payload: encode(&delta, PAYLOAD_ZSTD_LEVEL).unwrap(),
             }],
         };
-        let body = encode(&answer, 3).unwrap();
-        let back: ModulesAnswer = decode(&body, "answer").unwrap();
+        let body = encode_plain(&answer).unwrap();
+        let back: ModulesAnswer = decode_plain(&body, "answer").unwrap();
         assert_eq!(back, answer);
-        let inner: ModuleDelta = decode_plain(&back.frames[0].payload, "delta").unwrap();
+        let inner: ModuleDelta = decode_payload(&back.frames[0].payload, "delta").unwrap();
         assert_eq!(inner, delta);
+    }
+
+    #[test]
+    fn buckets_follow_ids_and_see_a_changed_record() {
+        assert_eq!(bucket_count_for(0), 1);
+        assert_eq!(bucket_count_for(5_000), 128);
+        assert_eq!(bucket_count_for(10_000_000), 1024);
+        let records: Vec<(String, u64)> = (0..500)
+            .map(|i| (format!("P{i:06}"), record_hash(&format!("P{i:06}"), "{}")))
+            .collect();
+        let n = bucket_count_for(records.len() as u64);
+        let hashes = bucket_hashes(records.iter().map(|(id, h)| (id.as_str(), *h)), n);
+        let mut changed = records.clone();
+        changed[42].1 ^= 1;
+        let other = bucket_hashes(changed.iter().map(|(id, h)| (id.as_str(), *h)), n);
+        let differing: Vec<usize> = (0..n as usize).filter(|&b| hashes[b] != other[b]).collect();
+        assert_eq!(differing, vec![bucket_of("P000042", n) as usize]);
     }
 
     #[test]
