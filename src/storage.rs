@@ -784,7 +784,11 @@ mod tests {
     fn patches_apply_to_the_stored_version_and_keep_it_canonical() {
         let dir = tempfile::tempdir().unwrap();
         let store = BoxStore::open(dir.path(), 4).unwrap();
-        let put = change("a", 1, Some(r#"{"ean13":"111","id":"a","label":"Pain","price":120}"#));
+        let put = change(
+            "a",
+            1,
+            Some(r#"{"ean13":"111","id":"a","label":"Pain","price":120}"#),
+        );
         store.apply(&[delta("catalog", 0, vec![put], 1)]).unwrap();
         let patch = |id: &str, p: &str| Change {
             id: id.into(),
@@ -809,7 +813,10 @@ mod tests {
         );
         assert!(store.get("catalog", "missing").unwrap().is_none());
         let mut digest = proto::Digest::default();
-        digest.add("a", r#"{"ean13":"111","id":"a","price":135,"tag":{"b":2,"z":1}}"#);
+        digest.add(
+            "a",
+            r#"{"ean13":"111","id":"a","price":135,"tag":{"b":2,"z":1}}"#,
+        );
         assert_eq!(store.module_digest("catalog").unwrap(), digest);
     }
 
