@@ -321,7 +321,7 @@ pub async fn run() -> anyhow::Result<()> {
     );
 
     // 6. A line cut: the next call reconnects with a resumed TLS session.
-    let _ = relay.cut.send_modify(|n| *n += 1);
+    relay.cut.send_modify(|n| *n += 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_, sent, received) = relay
         .measure(|| async { ok(&boxp.post_json("/v1/sync/delta").await?) })
