@@ -12,7 +12,8 @@
 //!    changes from the same starting state (the box's data directory is copied before and
 //!    put back for the delta);
 //! 6. a reconnection after a line cut (TLS 1.3 resumption);
-//! 7. a simulated 14-hour day: the daily full sync, a poll every 5 minutes (168), the day's
+//! 7. the cold full sync again under a 1 Mbit/s download cap (the cap holds);
+//! 8. a simulated 14-hour day: the daily full sync, a poll every 5 minutes (168), the day's
 //!    changes (`day_changes(.., 3)`) spread over the polls; then 2,000 sales pushed one by one
 //!    as they would be at a real till's pace, for the bytes per sale.
 
@@ -343,7 +344,45 @@ pub async fn run() -> anyhow::Result<()> {
         ),
     );
 
-    // 7. A simulated 14-hour day.
+    // 7. The cold full sync again, under a 1 Mbit/s download cap: the cap holds.
+    drop(boxp);
+    let aside = hub.dir.path().join("box-data-aside");
+    std::fs::rename(&data_dir, &aside)?;
+    let cap_file = dropins.join("61-cap.toml");
+    std::fs::write(
+        &cap_file,
+        format!(
+            "[hub]\nurl = \"https://{}\"\ndownload_cap = \"1Mbit/s\"\n",
+            relay.addr
+        ),
+    )?;
+    let started = std::time::Instant::now();
+    let (capped, sent, received) = relay
+        .measure(|| async {
+            let boxp = BoxProc::spawn(&bins, &hub)?;
+            boxp.wait_full_sync(Duration::from_secs(120)).await?;
+            Ok(boxp)
+        })
+        .await?;
+    let took = started.elapsed().as_secs_f64() - 0.15;
+    drop(capped);
+    std::fs::remove_file(&cap_file)?;
+    std::fs::remove_dir_all(&data_dir)?;
+    std::fs::rename(&aside, &data_dir)?;
+    row(
+        "cold full sync under a 1 Mbit/s download cap",
+        sent,
+        received,
+        None,
+        format!(
+            "{took:.1} s: {:.2} Mbit/s on average, process start included",
+            (sent + received) as f64 * 8.0 / took / 1e6
+        ),
+    );
+    boxp = BoxProc::spawn(&bins, &hub)?;
+    boxp.wait_full_sync(Duration::from_secs(60)).await?;
+
+    // 8. A simulated 14-hour day.
     let day3 = storebox_sim::day_changes(&store, 1, 3);
     let mut slices: Vec<storebox_sim::DayChanges> = (0..POLLS)
         .map(|_| storebox_sim::DayChanges {
