@@ -6,6 +6,8 @@
 mod activity;
 mod config;
 mod discovery;
+mod enroll;
+mod identity;
 mod journal;
 mod lan;
 mod metrics;
@@ -67,6 +69,14 @@ enum Command {
         /// The UDP port boxes answer the probe on (their `[discovery] udp_port`).
         #[arg(long, default_value_t = discovery::DEFAULT_UDP_PORT)]
         udp_port: u16,
+    },
+    /// Enroll this box with the hub: generate the device key (kept on the box) and get a
+    /// first client certificate with a one-time token from `storehub enroll-token`.
+    Enroll {
+        #[arg(long)]
+        token: String,
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Work with the configuration without starting the daemon.
     Config {
@@ -178,6 +188,24 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Enroll { token, config } => {
+            let config = BoxConfig::load(&config)?;
+            let identity = Arc::new(identity::Identity::open(&config.data_dir)?);
+            identity::install(identity.clone());
+            let pki =
+                enroll::HubPki::new(&config.hub.url, &config.hub.ca_file, config.hub_timeout()?)?;
+            let dates = runtime
+                .block_on(pki.enroll(&identity, &config.store_id, token.trim()))
+                .context("enrolling with the hub")?;
+            println!(
+                "enrolled store {}: client certificate valid until {} (renewed automatically by the daemon)",
+                config.store_id,
+                chrono::DateTime::from_timestamp_millis(dates.not_after_ms)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Discover { timeout, udp_port } => {
             runtime.block_on(discovery::discover_command(timeout, udp_port))
         }
@@ -207,6 +235,16 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         &config.data_dir,
         config.storage.cache_mib,
     )?);
+    // The box's identity first: every hub connection presents its current certificate.
+    let identity = Arc::new(identity::Identity::open(&config.data_dir)?);
+    identity::install(identity.clone());
+    let pki = enroll::HubPki::new(&config.hub.url, &config.hub.ca_file, config.hub_timeout()?)?;
+    tokio::spawn(enroll::maintain(
+        identity,
+        pki,
+        config.store_id.clone(),
+        config.hub.enroll_token.clone(),
+    ));
     let target = Arc::new(sync::link::HubTarget::new(
         &config.hub.url,
         &config.hub.ca_file,
