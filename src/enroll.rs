@@ -74,7 +74,11 @@ impl HubPki {
         })
     }
 
-    async fn post(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value, PkiCallError> {
+    async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, PkiCallError> {
         let work = async {
             let addr = format!("{}:{}", self.host, self.port);
             let tcp = tokio::net::TcpStream::connect(&addr)
@@ -212,7 +216,9 @@ pub async fn maintain(identity: Arc<Identity>, pki: HubPki, store: String, token
     loop {
         let cap = identity
             .certificate()
-            .map(|(d, _)| Duration::from_millis(((d.not_after_ms - d.hub_time_ms) / 4).max(1000) as u64))
+            .map(|(d, _)| {
+                Duration::from_millis(((d.not_after_ms - d.hub_time_ms) / 4).max(1000) as u64)
+            })
             .unwrap_or(Duration::from_secs(300))
             .min(Duration::from_secs(300));
         let outcome = match identity.certificate() {
@@ -237,8 +243,10 @@ pub async fn maintain(identity: Arc<Identity>, pki: HubPki, store: String, token
                 let wait = dates.renew_at_ms() - clock().now_ms();
                 if wait > 0 {
                     // Re-evaluated at least every minute: the trusted clock may be re-anchored.
-                    tokio::time::sleep(Duration::from_millis(wait as u64).min(Duration::from_secs(60)))
-                        .await;
+                    tokio::time::sleep(
+                        Duration::from_millis(wait as u64).min(Duration::from_secs(60)),
+                    )
+                    .await;
                     continue;
                 }
                 pki.renew(&identity, &store).await.map(|_| ())

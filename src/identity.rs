@@ -67,6 +67,8 @@ pub struct Identity {
 
 /// The time the box trusts for certificate dates (see the module doc).
 pub struct Clock {
+    /// The system clock (a parameter so tests can give a wrong one).
+    system: fn() -> i64,
     floor_ms: AtomicI64,
     saved_floor_ms: AtomicI64,
     anchor: Mutex<Option<(i64, Instant)>>,
@@ -83,8 +85,9 @@ pub fn trusted_now(system_ms: i64, floor_ms: i64, anchor: Option<(i64, Duration)
 }
 
 impl Clock {
-    const fn new() -> Clock {
+    const fn new(system: fn() -> i64) -> Clock {
         Clock {
+            system,
             floor_ms: AtomicI64::new(0),
             saved_floor_ms: AtomicI64::new(0),
             anchor: Mutex::new(None),
@@ -112,7 +115,7 @@ impl Clock {
     pub fn now_ms(&self) -> i64 {
         let anchor = *self.anchor.lock().unwrap_or_else(|p| p.into_inner());
         trusted_now(
-            Clock::system_ms(),
+            (self.system)(),
             self.floor_ms.load(Ordering::Relaxed),
             anchor.map(|(hub, at)| (hub, at.elapsed())),
         )
@@ -156,14 +159,9 @@ impl Clock {
         self.saved_floor_ms.fetch_max(saved, Ordering::Relaxed);
         *self.floor_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
     }
-
-    /// The current floor.
-    pub fn floor_ms(&self) -> i64 {
-        self.floor_ms.load(Ordering::Relaxed)
-    }
 }
 
-static CLOCK: Clock = Clock::new();
+static CLOCK: Clock = Clock::new(Clock::system_ms);
 static IDENTITY: OnceLock<Arc<Identity>> = OnceLock::new();
 
 /// The process's trusted clock.
@@ -322,9 +320,15 @@ impl ResolvesClientCert for InstalledIdentity {
 
 /// Checks the hub's certificate against the pinned CA at the trusted time (the clock rule)
 /// instead of the raw system clock.
-#[derive(Debug)]
 struct ClockRuleVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
+    clock: &'static Clock,
+}
+
+impl std::fmt::Debug for ClockRuleVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClockRuleVerifier").finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for ClockRuleVerifier {
@@ -336,7 +340,8 @@ impl ServerCertVerifier for ClockRuleVerifier {
         ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let now = UnixTime::since_unix_epoch(Duration::from_millis(CLOCK.now_ms().max(0) as u64));
+        let now =
+            UnixTime::since_unix_epoch(Duration::from_millis(self.clock.now_ms().max(0) as u64));
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
@@ -368,11 +373,42 @@ impl ServerCertVerifier for ClockRuleVerifier {
 /// `ca_file` trusted, dates judged by the clock rule, and the installed identity's current
 /// certificate presented. Callers set ALPN.
 pub fn hub_client_config(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    client_config_with_clock(ca_file, &CLOCK)
+}
+
+fn client_config_with_clock(
+    ca_file: &Path,
+    clock: &'static Clock,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = clock_rule_verifier(ca_file, clock, provider.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("choosing TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(InstalledIdentity));
+    // No resumption: a resumed session carries the client certificate of its first
+    // handshake, which may be the one renewal just replaced. A box opens a handful of
+    // connections a day; full handshakes cost it nothing that matters.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+fn clock_rule_verifier(
+    ca_file: &Path,
+    clock: &'static Clock,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<ClockRuleVerifier> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca_file)
         .with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
     for cert in certs {
         let cert = cert.with_context(|| format!("parsing the hub CA {}", ca_file.display()))?;
+        // The CA's start of validity is a time the hub signed: the clock is at least that.
+        if let Some(ms) = not_before_ms(&cert) {
+            clock.raise_floor(ms);
+        }
         roots
             .add(cert)
             .with_context(|| format!("loading the hub CA {}", ca_file.display()))?;
@@ -382,18 +418,67 @@ pub fn hub_client_config(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig>
         "the hub CA file {} holds no certificate",
         ca_file.display()
     );
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let inner =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .context("building the hub certificate verifier")?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("choosing TLS versions")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ClockRuleVerifier { inner }))
-        .with_client_cert_resolver(Arc::new(InstalledIdentity));
-    Ok(config)
+    Ok(ClockRuleVerifier { inner, clock })
+}
+
+/// The `notBefore` of a DER certificate, in milliseconds since the epoch. A minimal DER walk
+/// (Certificate → TBSCertificate → validity) so no X.509 parser is needed for one date;
+/// `None` on anything unexpected.
+pub fn not_before_ms(der: &[u8]) -> Option<i64> {
+    // One TLV: (tag, content, rest).
+    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let len = if first < 0x80 {
+            first as usize
+        } else {
+            let n = (first & 0x7f) as usize;
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+            rest = &rest[n..];
+            len
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, &rest[..len], &rest[len..]))
+    }
+    let (_, certificate, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(certificate)?;
+    // Optional [0] version, then serial, signature algorithm, issuer, validity.
+    let (tag, _, rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+        tbs = tlv(tbs)?.2; // serial
+    } else {
+        tbs = rest; // that was the serial
+    }
+    tbs = tlv(tbs)?.2; // signature algorithm
+    tbs = tlv(tbs)?.2; // issuer
+    let (_, validity, _) = tlv(tbs)?;
+    let (tag, time, _) = tlv(validity)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let full = match tag {
+        // UTCTime YYMMDDHHMMSSZ: years 50-99 are 19xx.
+        0x17 => {
+            let yy: i32 = text.get(0..2)?.parse().ok()?;
+            format!("{}{}", if yy >= 50 { 19 } else { 20 }, text)
+        }
+        // GeneralizedTime YYYYMMDDHHMMSSZ.
+        0x18 => text.to_owned(),
+        _ => return None,
+    };
+    chrono::NaiveDateTime::parse_from_str(full.trim_end_matches('Z'), "%Y%m%d%H%M%S")
+        .ok()
+        .map(|t| t.and_utc().timestamp_millis())
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -453,6 +538,59 @@ mod tests {
         assert_eq!(anchored, NOW + 60_000);
         let behind = trusted_now(0, 0, Some((NOW, Duration::ZERO)));
         assert_eq!(behind, NOW);
+    }
+
+    fn ca_and_server(not_before: i64, not_after: i64) -> (String, CertificateDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let at = |ms: i64| std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.not_before = at(NOW - 3650 * DAY).into();
+        ca.not_after = at(NOW + 3650 * DAY).into();
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let key = KeyPair::generate().unwrap();
+        let mut server = CertificateParams::new(vec!["hub.example".to_owned()]).unwrap();
+        server.not_before = at(not_before).into();
+        server.not_after = at(not_after).into();
+        let cert = server.signed_by(&key, &Issuer::new(ca, ca_key)).unwrap();
+        (ca_pem, cert.der().clone())
+    }
+
+    fn verify_with(system: fn() -> i64, floor: i64, not_before: i64, not_after: i64) -> bool {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_pem, server) = ca_and_server(not_before, not_after);
+        std::fs::write(dir.path().join("ca.crt"), ca_pem).unwrap();
+        let clock: &'static Clock = Box::leak(Box::new(Clock::new(system)));
+        clock.raise_floor(floor);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = clock_rule_verifier(&dir.path().join("ca.crt"), clock, provider).unwrap();
+        let name = ServerName::try_from("hub.example").unwrap();
+        verifier
+            .verify_server_cert(&server, &[], &name, &[], UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn a_box_in_1970_accepts_a_valid_hub_certificate_and_refuses_an_expired_one() {
+        fn in_1970() -> i64 {
+            0
+        }
+        // Valid since last month for a year: accepted although the clock says 1970.
+        assert!(verify_with(in_1970, NOW, NOW - 30 * DAY, NOW + 365 * DAY));
+        // Expired yesterday, before the last hub time the box saw: refused, although by the
+        // 1970 clock it would look valid.
+        assert!(!verify_with(in_1970, NOW, NOW - 365 * DAY, NOW - DAY));
+        // The CA's own start of validity raises the floor even with no hub time seen yet: a
+        // certificate expired before the CA existed is refused.
+        assert!(!verify_with(in_1970, 0, 1, 1000));
+    }
+
+    #[test]
+    fn not_before_is_read_from_der() {
+        let (_, server) = ca_and_server(NOW - DAY, NOW + DAY);
+        assert_eq!(not_before_ms(&server), Some(NOW - DAY));
+        assert_eq!(not_before_ms(b"garbage"), None);
     }
 
     #[test]

@@ -121,8 +121,21 @@ impl Hub {
         Hub::start_with_env(stores, &[]).await
     }
 
+    /// Same, with boxes' client certificates living `lifetime` (e.g. "6s") instead of 24 h.
+    pub async fn start_with_lifetime(stores: &[&str], lifetime: &str) -> Hub {
+        Hub::start_configured(stores, &[], Some(lifetime)).await
+    }
+
     /// Same, with environment variables for the hub process (test fault switches).
     pub async fn start_with_env(stores: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_configured(stores, env, None).await
+    }
+
+    async fn start_configured(
+        stores: &[&str],
+        env: &[(&str, &str)],
+        lifetime: Option<&str>,
+    ) -> Hub {
         let dir = tempfile::tempdir().unwrap();
         let sync_port = free_port();
         let admin_port = free_port();
@@ -147,6 +160,16 @@ impl Hub {
             .unwrap()
             .trim()
             .to_owned();
+        if let Some(lifetime) = lifetime {
+            let path = dir.path().join("hub.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let edited = text.replace(
+                "cert_lifetime = \"24h\"",
+                &format!("cert_lifetime = \"{lifetime}\""),
+            );
+            assert_ne!(text, edited, "hub.toml has no cert_lifetime to change");
+            std::fs::write(&path, edited).unwrap();
+        }
         let mut hub = Hub {
             dir,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
@@ -203,6 +226,24 @@ impl Hub {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    /// The hub's CA certificate (PEM).
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca.crt")).unwrap()
+    }
+
+    /// The certificates the hub issued to a store (admin API), newest first.
+    pub async fn certificates(&self, store: &str) -> Vec<Value> {
+        let (status, doc) = self
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/stores/{store}/certificates"),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{doc}");
+        doc["certificates"].as_array().unwrap().clone()
     }
 
     pub fn box_config(&self, store: &str) -> PathBuf {
@@ -280,6 +321,8 @@ pub struct StoreBox {
     pub config: PathBuf,
     pub lan: SocketAddr,
     pub proc: Option<Proc>,
+    /// Environment of the box process (test fault switches).
+    pub env: Vec<(String, String)>,
 }
 
 impl StoreBox {
@@ -288,6 +331,16 @@ impl StoreBox {
     /// directory is shared by every box config of the hub's setup, so tests run one store
     /// per hub.
     pub async fn start(hub: &Hub, store: &str, dropin: &str) -> StoreBox {
+        StoreBox::start_with_env(hub, store, dropin, &[]).await
+    }
+
+    /// Same, with environment variables for the box process.
+    pub async fn start_with_env(
+        hub: &Hub,
+        store: &str,
+        dropin: &str,
+        env: &[(&str, &str)],
+    ) -> StoreBox {
         let config = hub.box_config(store);
         let dir = config.parent().unwrap().join("storebox.d");
         std::fs::create_dir_all(&dir).unwrap();
@@ -304,6 +357,10 @@ impl StoreBox {
             config,
             lan: listen,
             proc: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         b.restart().await;
         b
@@ -316,6 +373,9 @@ impl StoreBox {
         }
         let mut command = Command::new(bin("storebox"));
         command.arg("serve").arg("--config").arg(&self.config);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
         let log = self
             .config
             .with_file_name(format!("box-{}.log", free_port()));
@@ -418,6 +478,9 @@ impl StoreBox {
         let started = Instant::now();
         let mut command = Command::new(bin("storebox"));
         command.arg("serve").arg("--config").arg(&self.config);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
         let log = self
             .config
             .with_file_name(format!("box-{}.log", free_port()));

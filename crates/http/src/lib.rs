@@ -115,6 +115,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request head (request line and headers), HTTP/1.1 and HTTP/2.
     pub max_header_bytes: usize,
+    /// When set, a connection older than this is asked to close once its requests in hand
+    /// are answered (HTTP/2 GOAWAY), and the client reconnects. The hub uses it so a box's
+    /// connection never outlives the client certificate it was opened with.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -124,6 +128,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(120),
             max_connections: 512,
             max_header_bytes: 16 * 1024,
+            max_connection_age: None,
         }
     }
 }
@@ -256,9 +261,10 @@ impl Activity {
         let tick = (limit / 4).max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(tick).await;
-            let quiet = self.now_ms().saturating_sub(self.last_io_ms.load(Ordering::Relaxed));
-            if self.in_flight.load(Ordering::Relaxed) == 0
-                && Duration::from_millis(quiet) >= limit
+            let quiet = self
+                .now_ms()
+                .saturating_sub(self.last_io_ms.load(Ordering::Relaxed));
+            if self.in_flight.load(Ordering::Relaxed) == 0 && Duration::from_millis(quiet) >= limit
             {
                 return;
             }
@@ -396,7 +402,10 @@ async fn serve_connection<S, F>(
             };
             // ALPN has already told the protocol: no detection to wait for.
             let h2 = session.alpn_protocol() == Some(b"h2");
-            run_http(stream, h2, info, certs, activity, limits, state, handler, stop).await;
+            run_http(
+                stream, h2, info, certs, activity, limits, state, handler, stop,
+            )
+            .await;
         }
         None => {
             let Some(h2) = detect_h2(&tcp, limits).await else {
@@ -411,7 +420,10 @@ async fn serve_connection<S, F>(
                 inner: tcp,
                 activity: activity.clone(),
             };
-            run_http(tracked, h2, info, None, activity, limits, state, handler, stop).await;
+            run_http(
+                tracked, h2, info, None, activity, limits, state, handler, stop,
+            )
+            .await;
         }
     }
 }
@@ -463,6 +475,12 @@ async fn run_http<IO, S, F>(
                 // The block drops the watch's read guard before the drain.
                 _ = async { let _ = stop.wait_for(|stopping| *stopping).await; } => "drain",
                 _ = activity.idle(limits.idle_timeout) => "idle",
+                _ = async {
+                    match limits.max_connection_age {
+                        Some(age) => tokio::time::sleep(age).await,
+                        None => std::future::pending().await,
+                    }
+                } => "age",
             };
             tracing::debug!("closing the connection from {} ({reason})", info.peer);
             connection.as_mut().graceful_shutdown();
@@ -600,9 +618,27 @@ pub async fn call_over(
                 .connect(name, tcp)
                 .await
                 .map_err(CallError::Connect)?;
-            call_on(stream, &addr.to_string(), method, path_and_query, headers, body).await
+            call_on(
+                stream,
+                &addr.to_string(),
+                method,
+                path_and_query,
+                headers,
+                body,
+            )
+            .await
         }
-        None => call_on(tcp, &addr.to_string(), method, path_and_query, headers, body).await,
+        None => {
+            call_on(
+                tcp,
+                &addr.to_string(),
+                method,
+                path_and_query,
+                headers,
+                body,
+            )
+            .await
+        }
     }
 }
 

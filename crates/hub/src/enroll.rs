@@ -53,9 +53,7 @@ pub fn error_response(e: PkiError) -> Response<Body> {
         PkiError::Unauthorized(m) => h::error(StatusCode::UNAUTHORIZED, "unauthorized", m),
         PkiError::Revoked(m) => h::error(StatusCode::UNAUTHORIZED, "revoked", m),
         PkiError::BadRequest(m) => h::error(StatusCode::BAD_REQUEST, "bad_request", m),
-        e @ PkiError::RateLimited(_) => {
-            h::error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e)
-        }
+        e @ PkiError::RateLimited(_) => h::error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e),
         PkiError::Internal(e) => {
             tracing::error!("{e:#}");
             h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "PKI failure")

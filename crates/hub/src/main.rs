@@ -128,7 +128,9 @@ fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
     let doc: serde_json::Value = serde_json::from_slice(&body)
         .with_context(|| format!("the hub answered {status} with a body that is not JSON"))?;
     anyhow::ensure!(status.is_success(), "the hub answered {status}: {doc}");
-    let token = doc["token"].as_str().context("the hub's answer has no token")?;
+    let token = doc["token"]
+        .as_str()
+        .context("the hub's answer has no token")?;
     println!("{token}");
     eprintln!(
         "one-time token for store {store}, valid until {}; on the box: storebox enroll --token {token}",
@@ -181,11 +183,22 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             store: store.clone(),
             token,
         });
-        tokio::spawn(storebox_http::serve(
+        // A box's connection is recycled well within its certificate's lifetime: opened at
+        // most two thirds in (it renews then), closed a sixth later, it never carries a
+        // certificate past its expiry (docs/SECURITY.md).
+        let sync_limits = storebox_http::Limits {
+            max_connection_age: Some(
+                (config.cert_lifetime()? / 6).max(std::time::Duration::from_secs(1)),
+            ),
+            ..storebox_http::Limits::default()
+        };
+        tokio::spawn(storebox_http::serve_with(
             sync_listener,
             Some(tls),
+            sync_limits,
             sync_state,
             storehub::sync_api::handle,
+            std::future::pending(),
         ));
         tokio::spawn(storebox_http::serve(
             admin_listener,

@@ -270,7 +270,11 @@ impl Pki {
         let blocked_until = if of_store.len() >= MAX_FAILURES_PER_STORE {
             of_store.iter().min().map(|t| t + FAILURE_WINDOW_MS)
         } else if failures.len() >= MAX_FAILURES_TOTAL {
-            failures.iter().map(|(_, t)| *t).min().map(|t| t + FAILURE_WINDOW_MS)
+            failures
+                .iter()
+                .map(|(_, t)| *t)
+                .min()
+                .map(|t| t + FAILURE_WINDOW_MS)
         } else {
             None
         };
@@ -656,7 +660,14 @@ mod tests {
         // Stale challenges are refused.
         let (public, sig) = prove(&device, "renew", "s1", &c2);
         assert!(pki
-            .renew("s1", &public, &c2, &sig, None, now + 1000 + CHALLENGE_LIFETIME_MS + 1)
+            .renew(
+                "s1",
+                &public,
+                &c2,
+                &sig,
+                None,
+                now + 1000 + CHALLENGE_LIFETIME_MS + 1
+            )
             .is_err());
         // The state survives a restart; revocation refuses the certificate and the key.
         drop(pki);
