@@ -85,6 +85,10 @@ pub struct LanConfig {
     /// Largest activity event a till may post, in bytes.
     #[serde(default = "default_max_activity_bytes")]
     pub max_activity_bytes: usize,
+    /// Serve the till API over TLS with the box-local certificate (tills pin its
+    /// fingerprint). `false` serves plain HTTP: only for a LAN where that is acceptable.
+    #[serde(default = "default_true")]
+    pub tls: bool,
 }
 
 /// The three sync processes.
@@ -157,6 +161,7 @@ impl Default for LanConfig {
         LanConfig {
             listen: default_lan_listen(),
             max_activity_bytes: default_max_activity_bytes(),
+            tls: true,
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod support;
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -385,4 +386,47 @@ async fn a_box_whose_clock_says_1990_still_enrolls_and_syncs() {
     let doc = store_box.wait_full_sync(&["config"]).await;
     assert_eq!(doc["modules"]["config"]["records"], 1);
     assert_eq!(hub.certificates(STORE).await.len(), 1);
+}
+
+#[tokio::test]
+async fn malformed_and_bomb_bodies_from_an_enrolled_box_get_400_and_the_hub_goes_on() {
+    let hub = Hub::start(&[STORE]).await;
+    let (key, issued) = enroll(&hub, STORE).await;
+    let config = client_config(&hub, Some((issued["certificate"].as_str().unwrap(), &key)));
+    // 300 MiB of zeros in a few kilobytes: beyond what the hub decompresses.
+    let bomb = zstd::encode_all(std::io::repeat(0).take(300 << 20), 3).unwrap();
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    for (what, body) in [
+        ("a decompression bomb", bomb),
+        ("bytes that are not zstd", b"not a frame".to_vec()),
+        (
+            "zstd of bytes that are not postcard",
+            zstd::encode_all(&[0xffu8; 64][..], 3).unwrap(),
+        ),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", hub.sync_port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (status, body) = storebox_http::call_on(
+            tls,
+            "localhost",
+            Method::POST,
+            storebox_protocol::PATH_DELTA,
+            &[("content-type", storebox_protocol::CONTENT_TYPE)],
+            Bytes::from(body),
+        )
+        .await
+        .unwrap();
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {doc}");
+        assert_eq!(doc["error"], "bad_request", "{what}");
+    }
+    let (status, _) = hub
+        .admin(Method::GET, "/admin/v1/stores", Bytes::new())
+        .await;
+    assert_eq!(status, StatusCode::OK);
 }
