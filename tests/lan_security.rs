@@ -108,6 +108,17 @@ async fn tills_pair_with_a_confirmed_code_use_their_token_and_can_be_unpaired() 
         code.as_str(),
         "{page}"
     );
+    let tls = storebox_http::pinned::pinned_client_config(&fp).unwrap();
+    let (status, html) =
+        storebox_http::call_over(b.lan, Some(&tls), Method::GET, "/", &[], Bytes::new())
+            .await
+            .unwrap();
+    let html = String::from_utf8_lossy(&html);
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains(&code) && html.contains(&fp),
+        "the status page shows the code and fingerprint"
+    );
     let (ok, listing) = b.cli(&["pair"]);
     assert!(
         ok && listing.contains(&code) && listing.contains(&fp),
