@@ -92,10 +92,14 @@ pub enum PairingError {
     Storage(#[from] anyhow::Error),
 }
 
+/// What identifies a version of the pairing file: modification time, size and inode (each
+/// write renames a new file into place, so a change within one timestamp tick still shows).
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
 /// The pairing file and the daemon's cached view of it.
 pub struct Pairing {
     path: PathBuf,
-    cache: Mutex<(Option<(std::time::SystemTime, u64)>, Arc<State>)>,
+    cache: Mutex<(Stamp, Arc<State>)>,
     requests: Mutex<Vec<i64>>,
 }
 
@@ -143,9 +147,10 @@ impl Pairing {
 
     /// The current state, re-read when the file changed.
     fn state(&self) -> anyhow::Result<Arc<State>> {
+        use std::os::unix::fs::MetadataExt;
         let stamp = std::fs::metadata(&self.path)
             .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
+            .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())));
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.0 != stamp || stamp.is_none() {
             cache.1 = Arc::new(Pairing::read(&self.path)?);
@@ -174,6 +179,8 @@ impl Pairing {
         let result = f(&mut state)?;
         let bytes = serde_json::to_vec_pretty(&state).context("encoding the pairing state")?;
         crate::identity::write_private(&self.path, &bytes)?;
+        // This process's own change is seen at once, whatever the timestamps say.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
         // The lock is released when `lock` closes.
         Ok(result)
     }

@@ -291,6 +291,13 @@ pub fn parse_ndjson(body: &[u8]) -> Result<Vec<proto::CanonicalRecord>, String> 
         if line.trim().is_empty() {
             continue;
         }
+        if h::json_depth(line.as_bytes()) > h::MAX_JSON_DEPTH {
+            return Err(format!(
+                "line {}: JSON nested deeper than {} levels",
+                n + 1,
+                h::MAX_JSON_DEPTH
+            ));
+        }
         let record =
             proto::canonical_record_from_text(line).map_err(|e| format!("line {}: {e}", n + 1))?;
         records.push(record);
@@ -325,6 +332,13 @@ fn put_record(
     id: &str,
     body: &[u8],
 ) -> Response<Body> {
+    if h::json_depth(body) > h::MAX_JSON_DEPTH {
+        return h::error(
+            StatusCode::BAD_REQUEST,
+            "bad_record",
+            format!("JSON nested deeper than {} levels", h::MAX_JSON_DEPTH),
+        );
+    }
     let mut value: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
