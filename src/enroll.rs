@@ -257,9 +257,9 @@ pub async fn maintain(identity: Arc<Identity>, pki: HubPki, store: String, token
             Err(e) => {
                 let level_error = matches!(e, PkiCallError::Refused(_));
                 if level_error {
-                    tracing::error!("certificate renewal: {e:#}");
+                    tracing::error!("client certificate: {e:#}");
                 } else {
-                    tracing::warn!("certificate renewal: {e:#}; retrying in {backoff:?}");
+                    tracing::warn!("client certificate: {e:#}; retrying in {backoff:?}");
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(cap);

@@ -485,13 +485,55 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+/// Creates `dir` (mode 0700) if missing, owned like its parent (see [`hand_over`]).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    if let (Some(parent), Ok(meta)) = (dir.parent(), std::fs::metadata(dir)) {
+        if let Ok(owner) = std::fs::metadata(parent) {
+            if (owner.uid(), owner.gid()) != (meta.uid(), meta.gid()) {
+                if let Err(e) = std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid()))
+                {
+                    tracing::warn!(
+                        "{} is not owned like {}: {e}",
+                        dir.display(),
+                        parent.display()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives a file just written in the data directory to the directory's owner. The commands a
+/// technician runs as root on the box (`storebox enroll`, `storebox pair`) would otherwise
+/// leave files the daemon, running as `storebox`, cannot read; for an unprivileged caller
+/// the owners already match and nothing happens.
+pub fn hand_over(file: &std::fs::File, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    let (Ok(owner), Ok(meta)) = (std::fs::metadata(dir), file.metadata()) else {
+        return;
+    };
+    if (owner.uid(), owner.gid()) != (meta.uid(), meta.gid()) {
+        if let Err(e) = std::os::unix::fs::fchown(file, Some(owner.uid()), Some(owner.gid())) {
+            tracing::warn!(
+                "{} is not owned like {}: {e}",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
 }
 
 /// Writes a file readable by its owner only, atomically (temporary file, fsync, rename).
@@ -506,6 +548,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    hand_over(&file, &tmp);
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -591,6 +634,30 @@ mod tests {
         let (_, server) = ca_and_server(NOW - DAY, NOW + DAY);
         assert_eq!(not_before_ms(&server), Some(NOW - DAY));
         assert_eq!(not_before_ms(b"garbage"), None);
+    }
+
+    #[test]
+    fn files_written_by_root_go_to_the_data_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        // As root (CI, a technician's shell on the box) the data directory can belong to
+        // another user, as it belongs to `storebox` on a board; unprivileged, it stays ours
+        // and nothing changes hands.
+        let _ = std::os::unix::fs::chown(&data, Some(65534), Some(65534));
+        let want = std::fs::metadata(&data).unwrap();
+        write_private(&data.join("f"), b"x").unwrap();
+        create_private_dir(&data.join("sub")).unwrap();
+        for path in [data.join("f"), data.join("sub")] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (want.uid(), want.gid()),
+                "{}",
+                path.display()
+            );
+        }
     }
 
     #[test]

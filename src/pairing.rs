@@ -121,14 +121,7 @@ impl Pairing {
     /// Opens (creating its directory) the pairing state of `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Pairing> {
         let dir = data_dir.join("pairing");
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-        }
+        crate::identity::create_private_dir(&dir)?;
         Ok(Pairing {
             path: dir.join("tills.json"),
             cache: Mutex::new((None, Arc::new(State::default()))),
@@ -165,12 +158,17 @@ impl Pairing {
         f: impl FnOnce(&mut State) -> Result<T, PairingError>,
     ) -> Result<T, PairingError> {
         let lock_path = self.path.with_extension("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let lock = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+                .with_context(|| format!("opening {}", lock_path.display()))?
+        };
+        crate::identity::hand_over(&lock, &lock_path);
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .with_context(|| format!("locking {}", lock_path.display()))?;
         let mut state = Pairing::read(&self.path)?;
@@ -399,7 +397,7 @@ pub fn lan_tls(
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let dir = data_dir.join("lan");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::identity::create_private_dir(&dir)?;
     let cert_path = dir.join("lan.crt");
     let key_path = dir.join("lan.key");
     if !cert_path.exists() || !key_path.exists() {
