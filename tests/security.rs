@@ -430,3 +430,85 @@ async fn malformed_and_bomb_bodies_from_an_enrolled_box_get_400_and_the_hub_goes
         .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_technician_enrolls_a_box_with_a_hub_token_and_reenrolls_it_after_revocation() {
+    let hub = Hub::start(&[STORE]).await;
+    hub.import(STORE, "config", &[json!({"id": "c1"})], false)
+        .await;
+    // The technician's way: no token in the box config.
+    let config = hub.box_config(STORE);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("enroll_token"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&config, without).unwrap();
+    let token = |hub: &Hub| {
+        let out = std::process::Command::new(support::bin("storehub"))
+            .args(["enroll-token", "--store", STORE, "--config"])
+            .arg(hub.dir.path().join("hub.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let enroll = |token: &str| {
+        let out = std::process::Command::new(support::bin("storebox"))
+            .args(["enroll", "--token", token, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let first = token(&hub);
+    let (ok, out) = enroll(&first);
+    assert!(ok && out.contains("enrolled"), "{out}");
+    // A token works once.
+    let (ok, out) = enroll(&first);
+    assert!(!ok && out.contains("unknown, used or expired"), "{out}");
+
+    let mut b = StoreBox::start(&hub, STORE, "[sync]\ndelta_interval = \"off\"\n").await;
+    b.wait_full_sync(&["config"]).await;
+
+    let (status, _) = hub
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/stores/{STORE}/revoke"),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // The box's link may still hold a connection opened before: the check is per request.
+    let (_, report) = b.post("/v1/sync/delta", Bytes::new()).await;
+    assert_eq!(report["ok"], false, "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{report}"
+    );
+
+    let (ok, out) = enroll(&token(&hub));
+    assert!(ok, "{out}");
+    b.restart().await;
+    wait_for(
+        "a sync after re-enrollment",
+        Duration::from_secs(30),
+        || async {
+            let (_, report) = b.post("/v1/sync/delta", Bytes::new()).await;
+            (report["ok"] == true).then_some(())
+        },
+    )
+    .await;
+}
