@@ -5,7 +5,7 @@
 #   DEMO_SECONDS=300 ./scripts/demo.sh
 #
 # Everything lives in ./demo-run (recreated at each run) and listens on 127.0.0.1 only.
-# Ports: hub 17443 (HTTPS, boxes), admin 17080, box LAN 18080; override with DEMO_HUB_PORT,
+# Ports: hub 17443 (HTTPS, boxes), admin 17080, box LAN 18080 (HTTPS); override with DEMO_HUB_PORT,
 # DEMO_ADMIN_PORT, DEMO_LAN_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,24 +58,33 @@ for module in config catalog customers promotions; do
     echo
 done
 
-say "Starting the box; its first full sync runs at once"
+say "Starting the box: it makes its device key, enrolls with the token storehub init gave it, and runs its first full sync"
 "$bin/storebox" serve --config "$box_config" 2> "$run/box.log" &
 pids+=($!)
+# The till API is HTTPS with a certificate made on the box; curl trusts exactly that one.
+lan_cert="$run/boxes/$store-data/lan/lan.crt"
+lan="https://127.0.0.1:$lan_port"
 for _ in $(seq 300); do
-    if curl -fsS "http://127.0.0.1:$lan_port/v1/status" 2>/dev/null | grep -q '"last_full_ok":"'; then break; fi
+    if [ -e "$lan_cert" ] && curl -fsS --cacert "$lan_cert" "$lan/v1/status" 2>/dev/null | grep -q '"last_full_ok":"'; then break; fi
     sleep 0.2
 done
 "$bin/storebox" status --config "$box_config"
 
+say "Pairing the demo's tills (a provisioning shortcut; tills normally pair with a code a manager confirms)"
+till_token=$("$bin/storebox" pair --config "$box_config" --name demo-tills --approve)
+fingerprint=$("$bin/storebox" status --json --config "$box_config" | sed -n 's/.*"fingerprint": *"\([0-9a-f]*\)".*/\1/p' | head -1)
+echo "  LAN certificate SHA-256 (tills pin it): $fingerprint"
+auth="Authorization: Bearer $till_token"
+
 say "A till looks up a product by EAN and a customer by loyalty card"
 ean=$(head -1 "$run/store/catalog.ndjson" | sed 's/.*"ean13":"\([0-9]*\)".*/\1/')
 card=$(head -1 "$run/store/customers.ndjson" | sed 's/.*"loyalty_card":"\([0-9]*\)".*/\1/')
-curl -fsS "http://127.0.0.1:$lan_port/v1/catalog/by-ean/$ean"; echo
-curl -fsS "http://127.0.0.1:$lan_port/v1/customers/by-card/$card"; echo
+curl -fsS --cacert "$lan_cert" -H "$auth" "$lan/v1/catalog/by-ean/$ean"; echo
+curl -fsS --cacert "$lan_cert" -H "$auth" "$lan/v1/customers/by-card/$card"; echo
 
 say "Four tills sell for $seconds s (progress every 10 s)"
-"$bin/storesim" tills --box "http://127.0.0.1:$lan_port" --tills 4 --rate 2 --seed 1 \
-    --duration "$seconds" --report-every 10 &
+STORESIM_TOKEN=$till_token "$bin/storesim" tills --box "$lan" --fingerprint "$fingerprint" \
+    --tills 4 --rate 2 --seed 1 --duration "$seconds" --report-every 10 &
 tills=$!
 pids+=($tills)
 

@@ -61,12 +61,16 @@ pub struct HubConfig {
     pub url: String,
     /// PEM file of the CA the hub's certificate must chain to; nothing else is trusted.
     pub ca_file: PathBuf,
-    /// The store's credential, inline...
+    /// Legacy bearer credential, inline or in a file (the file wins); honoured by a hub only
+    /// with `[pki] legacy_credentials`. The box's identity is its client certificate.
     #[serde(default)]
     pub credential: Option<String>,
-    /// ...or in a file of its own (takes precedence).
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
+    /// A one-time enrollment token from `storehub enroll-token`: when the box has no
+    /// certificate yet, the daemon enrolls with it.
+    #[serde(default)]
+    pub enroll_token: Option<String>,
     /// Longest wait for one hub call.
     #[serde(default = "default_hub_timeout")]
     pub timeout: String,
@@ -87,6 +91,10 @@ pub struct LanConfig {
     /// Largest activity event a till may post, in bytes.
     #[serde(default = "default_max_activity_bytes")]
     pub max_activity_bytes: usize,
+    /// Serve the till API over TLS with the box-local certificate (tills pin its
+    /// fingerprint). `false` serves plain HTTP: only for a LAN where that is acceptable.
+    #[serde(default = "default_true")]
+    pub tls: bool,
 }
 
 /// The three sync processes.
@@ -166,6 +174,7 @@ impl Default for LanConfig {
         LanConfig {
             listen: default_lan_listen(),
             max_activity_bytes: default_max_activity_bytes(),
+            tls: true,
         }
     }
 }
@@ -310,9 +319,6 @@ impl BoxConfig {
                 self.hub.url
             );
         }
-        if self.hub.credential.is_none() && self.hub.credential_file.is_none() {
-            bail!("[hub] needs credential or credential_file");
-        }
         if self.storage.cache_mib == 0 || self.storage.activity_batch_max == 0 {
             bail!("[storage] cache_mib and activity_batch_max must be at least 1");
         }
@@ -372,17 +378,14 @@ impl BoxConfig {
             .map_err(|e| anyhow::anyhow!("[hub] timeout: {e}"))
     }
 
-    /// The store credential, from the file when one is configured.
+    /// The legacy store credential, from the file when one is configured; empty when none.
     pub fn credential(&self) -> anyhow::Result<String> {
         if let Some(path) = &self.hub.credential_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the credential {}", path.display()))?;
             return Ok(text.trim().to_owned());
         }
-        self.hub
-            .credential
-            .clone()
-            .context("[hub] needs credential or credential_file")
+        Ok(self.hub.credential.clone().unwrap_or_default())
     }
 }
 

@@ -30,6 +30,57 @@ pub struct LanState {
     pub sync: Arc<SyncEngine>,
     pub max_activity_bytes: usize,
     pub started: std::time::Instant,
+    pub pairing: Arc<crate::pairing::Pairing>,
+    /// SHA-256 of the LAN TLS certificate, when the API is served over TLS.
+    pub fingerprint: Option<String>,
+}
+
+/// Largest body of a pairing or till-management call.
+const MAX_SMALL_BODY: usize = 4 * 1024;
+
+/// Who may call a route.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Anyone on the LAN: the status page and document, metrics, asking to pair.
+    Open,
+    /// A paired till (or a technician): lookups, activity.
+    Till,
+    /// A technician: sync triggers, pairing management.
+    Technician,
+}
+
+fn access(method: &Method, segs: &[&str]) -> Access {
+    match (method, segs) {
+        (&Method::GET, [""] | ["metrics"] | ["v1", "status"]) => Access::Open,
+        (&Method::POST, ["v1", "pair"]) | (&Method::GET, ["v1", "pair", _]) => Access::Open,
+        (_, ["v1", "sync", ..] | ["v1", "tills", ..]) => Access::Technician,
+        _ => Access::Till,
+    }
+}
+
+/// Checks the caller's token against the route's access; the refusal is a JSON 401 or 403.
+fn authorize(
+    state: &LanState,
+    req: &Request<Incoming>,
+    needed: Access,
+) -> Result<(), Response<Body>> {
+    if needed == Access::Open {
+        return Ok(());
+    }
+    let role = h::bearer(req).and_then(|t| state.pairing.authorize(t));
+    match (needed, role) {
+        (_, None) => Err(h::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this till is not paired: POST /v1/pair with its name, have a manager confirm the code, then send Authorization: Bearer <token>",
+        )),
+        (Access::Technician, Some(crate::pairing::Role::Till)) => Err(h::error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this call needs a technician credential (storebox pair --technician)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Lookup aliases: `/v1/{module}/by-{alias}/{value}` reads the index of `field`.
@@ -53,8 +104,16 @@ async fn route(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().map(str::to_owned);
     let segments = h::path_segments(&path);
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if let Err(refused) = authorize(&state, &req, access(&method, &segs)) {
+        return refused;
+    }
     match (&method, segs.as_slice()) {
         (&Method::GET, [""]) => crate::statuspage::page(&state),
+        (&Method::POST, ["v1", "pair"]) => pair_request(&state, req.into_body()).await,
+        (&Method::GET, ["v1", "pair", request]) => pair_poll(&state, request),
+        (&Method::GET, ["v1", "tills"]) => tills(&state),
+        (&Method::POST, ["v1", "tills", "confirm"]) => confirm(&state, req.into_body()).await,
+        (&Method::DELETE, ["v1", "tills", id]) => unpair(&state, id),
         (&Method::GET, ["metrics"]) => crate::metrics::page(&state),
         (&Method::GET, ["v1", "status"]) => h::json(StatusCode::OK, &status(&state)),
         (&Method::POST, ["v1", "activity"]) => post_activity(&state, req.into_body()).await,
@@ -82,6 +141,119 @@ async fn route(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
             format!("{method} is not allowed on {path}"),
         ),
         _ => not_found("no_route", format!("no route {method} {path}")),
+    }
+}
+
+fn pairing_error(e: crate::pairing::PairingError) -> Response<Body> {
+    use crate::pairing::PairingError as E;
+    match e {
+        E::Invalid(m) => h::error(StatusCode::BAD_REQUEST, "bad_request", m),
+        E::NotFound(m) => h::error(StatusCode::NOT_FOUND, "not_found", m),
+        e @ E::TooMany => h::error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e),
+        E::Storage(e) => storage_error(format!("{e:#}")),
+    }
+}
+
+/// `POST /v1/pair {"name"}`: a till asks to pair.
+async fn pair_request(state: &LanState, body: Incoming) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        name: String,
+    }
+    let body = match h::read_body(body, MAX_SMALL_BODY).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ask: Ask = match h::parse_json(&body) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match state.pairing.request(&ask.name) {
+        Ok(pending) => {
+            tracing::info!(
+                "till {:?} asks to pair, code {}",
+                pending.name,
+                pending.code
+            );
+            h::json(
+                StatusCode::ACCEPTED,
+                &json!({
+                    "request": crate::pairing::Pairing::request_id(&pending),
+                    "code": pending.code,
+                    "expires_at": rfc3339(Some(pending.expires_ms)),
+                }),
+            )
+        }
+        Err(e) => pairing_error(e),
+    }
+}
+
+/// `GET /v1/pair/{request}`: 202 while waiting, 200 with the token once (then 404).
+fn pair_poll(state: &LanState, request: &str) -> Response<Body> {
+    use crate::pairing::Poll;
+    match state.pairing.poll(request) {
+        Ok(Poll::Pending { expires_ms }) => h::json(
+            StatusCode::ACCEPTED,
+            &json!({"state": "pending", "expires_at": rfc3339(Some(expires_ms))}),
+        ),
+        Ok(Poll::Paired { token, till_id }) => h::json(
+            StatusCode::OK,
+            &json!({"state": "paired", "till": till_id, "token": token}),
+        ),
+        Ok(Poll::Unknown) => not_found(
+            "not_found",
+            "no such pairing request (expired, already answered, or never made)",
+        ),
+        Err(e) => pairing_error(e),
+    }
+}
+
+/// `GET /v1/tills` (technician): paired tills and pending requests.
+fn tills(state: &LanState) -> Response<Body> {
+    match state.pairing.list() {
+        Ok((tills, pending)) => h::json(
+            StatusCode::OK,
+            &json!({
+                "tills": tills.iter().map(|t| json!({
+                    "id": t.id, "name": t.name, "role": t.role,
+                    "paired_at": rfc3339(Some(t.paired_ms)),
+                })).collect::<Vec<_>>(),
+                "pending": pending.iter().map(|p| json!({
+                    "name": p.name, "code": p.code, "expires_at": rfc3339(Some(p.expires_ms)),
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(e) => storage_error(format!("{e:#}")),
+    }
+}
+
+/// `POST /v1/tills/confirm {"code"}` (technician): a manager confirms a pairing.
+async fn confirm(state: &LanState, body: Incoming) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Confirm {
+        code: String,
+    }
+    let body = match h::read_body(body, MAX_SMALL_BODY).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let confirm: Confirm = match h::parse_json(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match state.pairing.confirm(&confirm.code) {
+        Ok(till) => h::json(StatusCode::OK, &json!({"till": till.id, "name": till.name})),
+        Err(e) => pairing_error(e),
+    }
+}
+
+/// `DELETE /v1/tills/{id}` (technician): unpairs a till; its token is refused at once.
+fn unpair(state: &LanState, id: &str) -> Response<Body> {
+    match state.pairing.unpair(id) {
+        Ok(n) => h::json(StatusCode::OK, &json!({"unpaired": n})),
+        Err(e) => pairing_error(e),
     }
 }
 
@@ -202,15 +374,10 @@ async fn post_activity(state: &LanState, body: Incoming) -> Response<Body> {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let value: Value = match serde_json::from_slice(&body) {
+    // Depth-limited: a deeply nested body is refused before it is parsed.
+    let value: Value = match h::parse_json(&body) {
         Ok(v) => v,
-        Err(e) => {
-            return h::error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                format!("the body is not valid JSON: {e}"),
-            )
-        }
+        Err(r) => return r,
     };
     let record = match proto::canonical_record(&value) {
         Ok(r) => r,
@@ -357,7 +524,38 @@ pub fn status(state: &LanState) -> Value {
             "table_bytes": tables,
         },
         "last_full_sync": state.sync.live.last_full(),
+        "lan_tls": {
+            "enabled": state.fingerprint.is_some(),
+            "fingerprint": state.fingerprint,
+        },
+        "identity": identity_status(),
+        "pairing": pairing_status(state),
     })
+}
+
+/// The box's client certificate towards the hub, for people and monitoring.
+fn identity_status() -> Value {
+    match crate::identity::installed().and_then(|i| i.certificate()) {
+        Some((dates, fingerprint)) => json!({
+            "enrolled": true,
+            "certificate": fingerprint,
+            "not_after": rfc3339(Some(dates.not_after_ms)),
+            "renew_at": rfc3339(Some(dates.renew_at_ms())),
+        }),
+        None => json!({"enrolled": false}),
+    }
+}
+
+/// Pending pairing codes (for the manager to compare with the till's) and the number of
+/// paired tills. The codes alone pair nothing: a manager must confirm.
+fn pairing_status(state: &LanState) -> Value {
+    match state.pairing.list() {
+        Ok((tills, pending)) => json!({
+            "paired_tills": tills.iter().filter(|t| t.role == crate::pairing::Role::Till).count(),
+            "pending": pending.iter().map(|p| json!({"name": p.name, "code": p.code})).collect::<Vec<_>>(),
+        }),
+        Err(e) => json!({"error": format!("{e:#}")}),
+    }
 }
 
 /// Bytes this process caused to be written to storage (`write_bytes` of `/proc/self/io`):

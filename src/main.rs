@@ -6,9 +6,12 @@
 mod activity;
 mod config;
 mod discovery;
+mod enroll;
+mod identity;
 mod journal;
 mod lan;
 mod metrics;
+mod pairing;
 mod status;
 mod statuspage;
 mod storage;
@@ -67,6 +70,32 @@ enum Command {
         /// The UDP port boxes answer the probe on (their `[discovery] udp_port`).
         #[arg(long, default_value_t = discovery::DEFAULT_UDP_PORT)]
         udp_port: u16,
+    },
+    /// Enroll this box with the hub: generate the device key (kept on the box) and get a
+    /// first client certificate with a one-time token from `storehub enroll-token`.
+    Enroll {
+        #[arg(long)]
+        token: String,
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Tills on the LAN: with no option, list paired tills and pending pairing codes;
+    /// `--confirm CODE` pairs the till showing that code; `--name N --approve` pairs at once
+    /// and prints the token (provisioning; `--technician` for a technician credential);
+    /// `--unpair ID|NAME` removes a till.
+    Pair {
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, value_name = "CODE", conflicts_with_all = ["name", "unpair"])]
+        confirm: Option<String>,
+        #[arg(long, requires = "approve")]
+        name: Option<String>,
+        #[arg(long, requires = "name")]
+        approve: bool,
+        #[arg(long, requires = "approve")]
+        technician: bool,
+        #[arg(long, value_name = "ID|NAME", conflicts_with = "name")]
+        unpair: Option<String>,
     },
     /// Work with the configuration without starting the daemon.
     Config {
@@ -178,6 +207,36 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Enroll { token, config } => {
+            let config = BoxConfig::load(&config)?;
+            let identity = Arc::new(identity::Identity::open(&config.data_dir)?);
+            identity::install(identity.clone());
+            let pki =
+                enroll::HubPki::new(&config.hub.url, &config.hub.ca_file, config.hub_timeout()?)?;
+            let dates = runtime
+                .block_on(pki.enroll(&identity, &config.store_id, token.trim()))
+                .context("enrolling with the hub")?;
+            println!(
+                "enrolled store {}: client certificate valid until {} (renewed automatically by the daemon)",
+                config.store_id,
+                chrono::DateTime::from_timestamp_millis(dates.not_after_ms)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Pair {
+            config,
+            confirm,
+            name,
+            approve: _,
+            technician,
+            unpair,
+        } => {
+            let config = BoxConfig::load(&config)?;
+            pair_command(&config, confirm, name, technician, unpair)?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Discover { timeout, udp_port } => {
             runtime.block_on(discovery::discover_command(timeout, udp_port))
         }
@@ -207,6 +266,17 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         &config.data_dir,
         config.storage.cache_mib,
     )?);
+    // The box's identity first: every hub connection presents its current certificate.
+    let identity = Arc::new(identity::Identity::open(&config.data_dir)?);
+    identity::install(identity.clone());
+    let enrolling = identity.certificate().is_none() && config.hub.enroll_token.is_some();
+    let pki = enroll::HubPki::new(&config.hub.url, &config.hub.ca_file, config.hub_timeout()?)?;
+    tokio::spawn(enroll::maintain(
+        identity.clone(),
+        pki,
+        config.store_id.clone(),
+        config.hub.enroll_token.clone(),
+    ));
     let target = Arc::new(sync::link::HubTarget::new(
         &config.hub.url,
         &config.hub.ca_file,
@@ -232,17 +302,38 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.lan.listen)
         .await
         .with_context(|| format!("listening for tills on {}", config.lan.listen))?;
+    let pairing = Arc::new(pairing::Pairing::open(&config.data_dir)?);
+    let (lan_tls, fingerprint) = if config.lan.tls {
+        let (acceptor, fingerprint) = pairing::lan_tls(&config.data_dir, listener.local_addr()?)?;
+        (Some(acceptor), Some(fingerprint))
+    } else {
+        tracing::warn!("[lan] tls = false: the till API is plain HTTP on the LAN");
+        (None, None)
+    };
     tracing::info!(
-        "storebox {} for store {} serving tills on http://{}",
+        "storebox {} for store {} serving tills on {}://{}{}",
         env!("CARGO_PKG_VERSION"),
         config.store_id,
-        listener.local_addr()?
+        if lan_tls.is_some() { "https" } else { "http" },
+        listener.local_addr()?,
+        fingerprint
+            .as_deref()
+            .map(|f| format!(" (certificate SHA-256 {f})"))
+            .unwrap_or_default()
     );
-    // On tasks of its own, failures only logged: never in the way of serving tills. No LAN
-    // TLS yet, so no certificate fingerprint to publish (the `None`).
-    discovery::start(&config, listener.local_addr()?, None);
+    // On tasks of its own, failures only logged: never in the way of serving tills. The
+    // certificate fingerprint is published for tills to pin.
+    discovery::start(&config, listener.local_addr()?, fingerprint.clone());
+    let probe_tls = match &fingerprint {
+        Some(f) => Some(
+            storebox_http::pinned::pinned_client_config(f)
+                .map_err(|e| anyhow::anyhow!("the LAN certificate fingerprint: {e}"))?,
+        ),
+        None => None,
+    };
     let watched = watchdog::Watched {
         lan: local_addr(listener.local_addr()?),
+        lan_tls: probe_tls,
         store: store.clone(),
         activity: activity.clone(),
         engine: engine.clone(),
@@ -256,12 +347,27 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         sync: engine.clone(),
         max_activity_bytes: config.lan.max_activity_bytes,
         started: std::time::Instant::now(),
+        pairing,
+        fingerprint,
     });
-    engine.start();
+    if enrolling {
+        // A first start enrolls before the first sync, so that sync does not fail for want
+        // of a certificate; a hub out of reach delays it at most a few seconds.
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while identity.certificate().is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            engine.start();
+        });
+    } else {
+        engine.start();
+    }
     let (drain, draining) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(storebox_http::serve_until(
         listener,
-        None,
+        lan_tls,
         state,
         lan::handle,
         async move {
@@ -334,15 +440,89 @@ async fn daemon_call(
     path: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let addr = local_addr(config.lan.listen);
-    let (status, body) = storebox_http::call(addr, method, path, &[], bytes::Bytes::new())
-        .await
-        .with_context(|| {
-            format!("asking the storebox daemon at {addr} (is `storebox serve` running?)")
-        })?;
+    // On the box, the command line may do what a technician may: it makes itself a
+    // technician token in the pairing state it can read.
+    let token = pairing::Pairing::open(&config.data_dir)?
+        .local_token()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let auth = format!("Bearer {token}");
+    let tls = if config.lan.tls {
+        let fingerprint = pairing::lan_fingerprint(&config.data_dir)?;
+        Some(
+            storebox_http::pinned::pinned_client_config(&fingerprint)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+    } else {
+        None
+    };
+    let (status, body) = storebox_http::call_over(
+        addr,
+        tls.as_ref(),
+        method,
+        path,
+        &[("authorization", auth.as_str())],
+        bytes::Bytes::new(),
+    )
+    .await
+    .with_context(|| {
+        format!("asking the storebox daemon at {addr} (is `storebox serve` running?)")
+    })?;
     let doc: serde_json::Value = serde_json::from_slice(&body)
         .with_context(|| format!("the daemon answered {status} with a body that is not JSON"))?;
     anyhow::ensure!(status.is_success(), "the daemon answered {status}: {doc}");
     Ok(doc)
+}
+
+/// `storebox pair`: works on the pairing state directly (the daemon sees changes at its next
+/// request), so it also serves provisioning before the daemon first starts.
+fn pair_command(
+    config: &BoxConfig,
+    confirm: Option<String>,
+    name: Option<String>,
+    technician: bool,
+    unpair: Option<String>,
+) -> anyhow::Result<()> {
+    let pairing = pairing::Pairing::open(&config.data_dir)?;
+    let fail = |e: pairing::PairingError| anyhow::anyhow!("{e}");
+    if let Some(code) = confirm {
+        let till = pairing.confirm(&code).map_err(fail)?;
+        println!(
+            "paired till {:?} (id {}); it receives its token at its next poll",
+            till.name, till.id
+        );
+    } else if let Some(name) = name {
+        pairing::check_cli_name(&name)?;
+        let role = if technician {
+            pairing::Role::Technician
+        } else {
+            pairing::Role::Till
+        };
+        let (till, token) = pairing.pair_now(&name, role).map_err(fail)?;
+        eprintln!("paired {:?} as {role:?} (id {})", till.name, till.id);
+        println!("{token}");
+    } else if let Some(who) = unpair {
+        let n = pairing.unpair(&who).map_err(fail)?;
+        println!("unpaired {n} till(s) {who:?}");
+    } else {
+        let (tills, pending) = pairing.list()?;
+        if let Ok(fp) = pairing::lan_fingerprint(&config.data_dir) {
+            println!("LAN certificate SHA-256: {fp}");
+        }
+        println!("pending pairing requests (confirm with --confirm CODE):");
+        for p in &pending {
+            println!("  code {}  {}", p.code, p.name);
+        }
+        println!("paired:");
+        for t in &tills {
+            println!(
+                "  {}  {:<11} {}",
+                t.id,
+                format!("{:?}", t.role).to_lowercase(),
+                t.name
+            );
+        }
+    }
+    Ok(())
 }
 
 fn text(v: &serde_json::Value) -> String {

@@ -337,6 +337,7 @@ pub fn render(doc: &Value, extras: &PageExtras) -> String {
     activity_section(&mut h, doc);
     traffic_section(&mut h, doc, extras);
     storage_section(&mut h, doc, extras);
+    security_section(&mut h, doc, today);
     let _ = writeln!(
         h,
         "<footer class=\"muted\">This page reloads every {REFRESH_S} s. Machine-readable: \
@@ -387,6 +388,49 @@ fn hub_section(h: &mut String, doc: &Value, today: NaiveDate) {
                 None => String::new(),
             },
         );
+    }
+    h.push_str("</dl></section>\n");
+}
+
+/// The LAN certificate fingerprint tills pin, the codes of tills waiting to pair (a manager
+/// compares each with the code on the till before confirming), and the hub identity.
+fn security_section(h: &mut String, doc: &Value, today: NaiveDate) {
+    let fingerprint = match doc["lan_tls"]["fingerprint"].as_str() {
+        Some(fp) => format!("<code id=\"lan-fingerprint\">{}</code>", escape(fp)),
+        None => "<span class=\"err\">plain HTTP: no TLS on the LAN</span>".into(),
+    };
+    let identity = &doc["identity"];
+    let certificate = if identity["enrolled"] == true {
+        format!(
+            "valid until {}, renewed from {}",
+            local_time(&identity["not_after"], today),
+            local_time(&identity["renew_at"], today)
+        )
+    } else {
+        "<span class=\"err\">not enrolled</span>".into()
+    };
+    let _ = write!(
+        h,
+        "<section><h2>Security</h2><dl>\
+         <dt>till API certificate (SHA-256)</dt><dd>{fingerprint}</dd>\
+         <dt>paired tills</dt><dd>{}</dd>\
+         <dt>hub client certificate</dt><dd>{certificate}</dd>",
+        val(&doc["pairing"]["paired_tills"]),
+    );
+    if let Some(pending) = doc["pairing"]["pending"]
+        .as_array()
+        .filter(|p| !p.is_empty())
+    {
+        h.push_str("<dt>waiting to pair</dt><dd><ul id=\"pairing\">");
+        for p in pending {
+            let _ = write!(
+                h,
+                "<li><strong>{}</strong> {}</li>",
+                val(&p["code"]),
+                val(&p["name"])
+            );
+        }
+        h.push_str("</ul></dd>");
     }
     h.push_str("</dl></section>\n");
 }

@@ -234,6 +234,8 @@ fn stale_for(which: Loop, view: LoopView, now_ms: u64, limits: Limits) -> Option
 pub struct Watched {
     /// Where the till API answers on this machine.
     pub lan: SocketAddr,
+    /// TLS to the till API (pinned to its own certificate) when it is served over TLS.
+    pub lan_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub store: Arc<BoxStore>,
     pub activity: Arc<Activity>,
     pub engine: Arc<SyncEngine>,
@@ -466,8 +468,9 @@ impl Checker {
 
     /// Asks the till API for its status, as a till on the LAN would.
     async fn probe_lan(&self) -> Result<(), String> {
-        let call = storebox_http::call(
+        let call = storebox_http::call_over(
             self.watched.lan,
+            self.watched.lan_tls.as_ref(),
             http::Method::GET,
             "/v1/status",
             &[],

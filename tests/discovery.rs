@@ -111,6 +111,28 @@ fn preflight() {
     );
 }
 
+/// A till's pinned HTTPS GET of `/v1/status` in Python's standard library: the certificate
+/// is accepted only when its SHA-256 is the published fingerprint.
+const PINNED_GET: &str = r#"
+import hashlib, socket, ssl, sys
+host, port, fp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with socket.create_connection((host, port), timeout=5) as raw:
+    with ctx.wrap_socket(raw) as s:
+        if hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest() != fp:
+            sys.exit("the certificate is not the pinned one")
+        s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: box\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+print(data.split(b"\r\n\r\n", 1)[1].decode())
+"#;
+
 /// Browses `_storebox._tcp.local.` with zeroconf, resolves the first instance and prints it.
 const ZEROCONF: &str = r#"
 import json, sys, time
@@ -295,13 +317,10 @@ fn tills_find_the_box_by_mdns_and_by_udp_probe() {
         Duration::from_secs(15),
     );
 
-    // The till API serves on the LAN address, hub or no hub.
-    let status = python_in(
-        &till_ns,
-        "import json, sys, urllib.request\n\
-         print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
-        &[&format!("http://{box_ip}:{LAN_PORT}/v1/status")],
-    );
+    // The till API serves HTTPS on the LAN address, hub or no hub; a till pins the
+    // certificate by the fingerprint discovery publishes.
+    let fp = support::lan_fingerprint(&support::box_data_dir(&config)).unwrap();
+    let status = python_in(&till_ns, PINNED_GET, &[&box_ip, &LAN_PORT.to_string(), &fp]);
     assert_eq!(status["store_id"], STORE, "{status}");
 
     // (1) An independent mDNS client browses and resolves the box.
@@ -314,13 +333,14 @@ fn tills_find_the_box_by_mdns_and_by_udp_probe() {
     assert_eq!(mdns["port"], LAN_PORT, "{mdns}");
     assert_eq!(
         mdns["txt"],
-        serde_json::json!({"store": STORE, "api": "1", "name": BOX_NAME}),
+        serde_json::json!({"store": STORE, "api": "1", "name": BOX_NAME, "fp": fp}),
         "{mdns}"
     );
 
     // (2) The UDP probe, to the limited broadcast address and to the subnet's.
-    let expected =
-        serde_json::json!({"store": STORE, "name": BOX_NAME, "api": "1", "port": LAN_PORT});
+    let expected = serde_json::json!(
+        {"store": STORE, "name": BOX_NAME, "api": "1", "port": LAN_PORT, "fp": fp}
+    );
     for dst in ["255.255.255.255".to_string(), format!("{net}.255")] {
         let answers = python_in(&till_ns, PROBE, &[&till_ip, &dst, &UDP_PORT.to_string()]);
         assert_eq!(
@@ -368,12 +388,7 @@ fn tills_find_the_box_by_mdns_and_by_udp_probe() {
         "the box died; its log:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    let status = python_in(
-        &till_ns,
-        "import json, sys, urllib.request\n\
-         print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
-        &[&format!("http://{box_ip}:{LAN_PORT}/v1/status")],
-    );
+    let status = python_in(&till_ns, PINNED_GET, &[&box_ip, &LAN_PORT.to_string(), &fp]);
     assert_eq!(status["store_id"], STORE, "{status}");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("panicked"), "{text}");

@@ -27,7 +27,11 @@ const SEED: u64 = 42;
 const STORE: &str = "shop-page";
 const MODULES: [&str; 4] = ["config", "catalog", "customers", "promotions"];
 /// No delta pulls and no push: the events stay pending, so the page's figures hold still.
-const DROPIN: &str = "[sync]\ndelta_interval = \"off\"\nnotify = false\npush = false\n";
+// Chromium and the raw reader below speak plain HTTP, so this test turns on the documented
+// plain-HTTP switch; the TLS listener and the fingerprint on the page are tested in
+// tests/lan_security.rs.
+const DROPIN: &str =
+    "[sync]\ndelta_interval = \"off\"\nnotify = false\npush = false\n[lan]\ntls = false\n";
 const EVENTS: usize = 5;
 const LOOKUPS: usize = 20;
 const CHROMIUM: &str = "/usr/bin/chromium";

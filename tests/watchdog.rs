@@ -113,6 +113,7 @@ struct Daemon {
 impl Daemon {
     async fn start(hub: &Hub, systemd: &Systemd, env: &[(&str, &str)]) -> Daemon {
         let config = hub.box_config(STORE);
+        support::prepare_lan(&config, lan_addr(hub));
         let log = config.with_file_name(format!("box-{}.log", support::free_port()));
         let out = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(support::bin("storebox"));

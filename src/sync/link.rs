@@ -3,7 +3,7 @@
 //! when it has to be opened again, and counted byte for byte at the socket.
 //!
 //! Only the CA named in the box config is trusted (the hub's certificate is pinned to it);
-//! the store credential goes in the `Authorization` header of every request.
+//! the box authenticates with its client certificate (identity.rs).
 //!
 //! Accounting: the socket counters are the truth (TLS records, HTTP/2 framing, handshakes).
 //! Each request also adds its body bytes to its process, and the sync engine adds each
@@ -29,8 +29,7 @@ use http_body_util::BodyExt;
 use hyper::body::Frame;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -244,26 +243,9 @@ impl HubTarget {
         let port = uri.port_u16().unwrap_or(443);
         let server_name = ServerName::try_from(host.clone())
             .with_context(|| format!("[hub] url host {host:?} is not a valid name"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca_file)
-            .with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
-        for cert in certs {
-            let cert = cert.with_context(|| format!("parsing the hub CA {}", ca_file.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("loading the hub CA {}", ca_file.display()))?;
-        }
-        anyhow::ensure!(
-            !roots.is_empty(),
-            "the hub CA file {} holds no certificate",
-            ca_file.display()
-        );
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("choosing TLS versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        // The hub's CA pinned, dates by the clock rule, the box's current client certificate
+        // presented (swapped in place on renewal): see identity.rs.
+        let mut tls = crate::identity::hub_client_config(ca_file)?;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Ok(HubTarget {
             host,

@@ -54,6 +54,117 @@ where
     }
 }
 
+/// How the tests reach a box's till API: its data directory (where the LAN certificate
+/// appears once it serves over TLS) and the tokens paired for the tests.
+#[derive(Clone)]
+struct LanAccess {
+    data_dir: PathBuf,
+    till: String,
+    technician: String,
+}
+
+/// Boxes known to the tests, by LAN address: [`call`] speaks TLS pinned to the box's
+/// certificate and adds the right token, so tests written for the plain API keep working.
+static LANS: std::sync::Mutex<Vec<(SocketAddr, LanAccess)>> = std::sync::Mutex::new(Vec::new());
+
+/// The data directory a box config names (relative to the config's directory).
+pub fn box_data_dir(config: &std::path::Path) -> PathBuf {
+    let text = std::fs::read_to_string(config).unwrap();
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data_dir = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap();
+    config.parent().unwrap().join(dir)
+}
+
+/// Runs `storebox pair --name NAME --approve [--technician]` on a box config; the token.
+pub fn pair_cli(config: &std::path::Path, name: &str, technician: bool) -> String {
+    let mut command = Command::new(bin("storebox"));
+    command
+        .args(["pair", "--name", name, "--approve"])
+        .arg("--config")
+        .arg(config);
+    if technician {
+        command.arg("--technician");
+    }
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "storebox pair failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Pairs a till and a technician for the box of `config` listening on `lan`, and registers
+/// them for [`call`]. Idempotent per address.
+pub fn prepare_lan(config: &std::path::Path, lan: SocketAddr) {
+    if LANS.lock().unwrap().iter().any(|(a, _)| *a == lan) {
+        return;
+    }
+    let access = LanAccess {
+        data_dir: box_data_dir(config),
+        till: pair_cli(config, "test till", false),
+        technician: pair_cli(config, "test technician", true),
+    };
+    LANS.lock().unwrap().push((lan, access));
+}
+
+/// The SHA-256 fingerprint of a box's LAN certificate, once it has made one.
+pub fn lan_fingerprint(data_dir: &std::path::Path) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    let cert =
+        rustls_pki_types::CertificateDer::from_pem_file(data_dir.join("lan").join("lan.crt"))
+            .ok()?;
+    Some(storebox_http::pinned::fingerprint(&cert))
+}
+
+/// The TLS config and `Authorization` value for a call to a registered box.
+fn lan_transport(
+    addr: SocketAddr,
+    path: &str,
+) -> Option<(Option<std::sync::Arc<rustls::ClientConfig>>, String)> {
+    let access = LANS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, l)| l.clone())?;
+    let tls = lan_fingerprint(&access.data_dir)
+        .map(|f| storebox_http::pinned::pinned_client_config(&f).unwrap());
+    let token = if path.starts_with("/v1/sync") || path.starts_with("/v1/tills") {
+        access.technician
+    } else {
+        access.till
+    };
+    Some((tls, format!("Bearer {token}")))
+}
+
+/// One request to a daemon on loopback: over TLS with a token when `addr` is a registered
+/// box (a caller's own `authorization` header wins), plain otherwise.
+async fn raw_call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(StatusCode, Bytes), storebox_http::CallError> {
+    match lan_transport(addr, path) {
+        Some((tls, auth)) => {
+            let mut all: Vec<(&str, &str)> = headers.to_vec();
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            {
+                all.push(("authorization", auth.as_str()));
+            }
+            storebox_http::call_over(addr, tls.as_ref(), method, path, &all, body).await
+        }
+        None => storebox_http::call(addr, method, path, headers, body).await,
+    }
+}
+
 /// An HTTP call to a daemon on loopback; the body parsed as JSON when it is JSON.
 pub async fn call(
     addr: SocketAddr,
@@ -62,7 +173,7 @@ pub async fn call(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> (StatusCode, Value) {
-    let (status, body) = storebox_http::call(addr, method, path, headers, body.into())
+    let (status, body) = raw_call(addr, method, path, headers, body.into())
         .await
         .unwrap_or_else(|e| panic!("calling {addr}{path}: {e}"));
     let value = serde_json::from_slice(&body)
@@ -121,8 +232,21 @@ impl Hub {
         Hub::start_with_env(stores, &[]).await
     }
 
+    /// Same, with boxes' client certificates living `lifetime` (e.g. "6s") instead of 24 h.
+    pub async fn start_with_lifetime(stores: &[&str], lifetime: &str) -> Hub {
+        Hub::start_configured(stores, &[], Some(lifetime)).await
+    }
+
     /// Same, with environment variables for the hub process (test fault switches).
     pub async fn start_with_env(stores: &[&str], env: &[(&str, &str)]) -> Hub {
+        Hub::start_configured(stores, env, None).await
+    }
+
+    async fn start_configured(
+        stores: &[&str],
+        env: &[(&str, &str)],
+        lifetime: Option<&str>,
+    ) -> Hub {
         let dir = tempfile::tempdir().unwrap();
         let sync_port = free_port();
         let admin_port = free_port();
@@ -147,6 +271,16 @@ impl Hub {
             .unwrap()
             .trim()
             .to_owned();
+        if let Some(lifetime) = lifetime {
+            let path = dir.path().join("hub.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let edited = text.replace(
+                "cert_lifetime = \"24h\"",
+                &format!("cert_lifetime = \"{lifetime}\""),
+            );
+            assert_ne!(text, edited, "hub.toml has no cert_lifetime to change");
+            std::fs::write(&path, edited).unwrap();
+        }
         let mut hub = Hub {
             dir,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
@@ -203,6 +337,24 @@ impl Hub {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    /// The hub's CA certificate (PEM).
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca.crt")).unwrap()
+    }
+
+    /// The certificates the hub issued to a store (admin API), newest first.
+    pub async fn certificates(&self, store: &str) -> Vec<Value> {
+        let (status, doc) = self
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/stores/{store}/certificates"),
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{doc}");
+        doc["certificates"].as_array().unwrap().clone()
     }
 
     pub fn box_config(&self, store: &str) -> PathBuf {
@@ -280,6 +432,8 @@ pub struct StoreBox {
     pub config: PathBuf,
     pub lan: SocketAddr,
     pub proc: Option<Proc>,
+    /// Environment of the box process (test fault switches).
+    pub env: Vec<(String, String)>,
 }
 
 impl StoreBox {
@@ -288,6 +442,16 @@ impl StoreBox {
     /// directory is shared by every box config of the hub's setup, so tests run one store
     /// per hub.
     pub async fn start(hub: &Hub, store: &str, dropin: &str) -> StoreBox {
+        StoreBox::start_with_env(hub, store, dropin, &[]).await
+    }
+
+    /// Same, with environment variables for the box process.
+    pub async fn start_with_env(
+        hub: &Hub,
+        store: &str,
+        dropin: &str,
+        env: &[(&str, &str)],
+    ) -> StoreBox {
         let config = hub.box_config(store);
         let dir = config.parent().unwrap().join("storebox.d");
         std::fs::create_dir_all(&dir).unwrap();
@@ -300,10 +464,15 @@ impl StoreBox {
             .unwrap()
             .parse()
             .unwrap();
+        prepare_lan(&config, listen);
         let mut b = StoreBox {
             config,
             lan: listen,
             proc: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         b.restart().await;
         b
@@ -316,6 +485,9 @@ impl StoreBox {
         }
         let mut command = Command::new(bin("storebox"));
         command.arg("serve").arg("--config").arg(&self.config);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
         let log = self
             .config
             .with_file_name(format!("box-{}.log", free_port()));
@@ -325,7 +497,7 @@ impl StoreBox {
             "the box's LAN API",
             Duration::from_secs(20),
             || async move {
-                storebox_http::call(lan, Method::GET, "/v1/status", &[], Bytes::new())
+                raw_call(lan, Method::GET, "/v1/status", &[], Bytes::new())
                     .await
                     .ok()
                     .filter(|(s, _)| s.is_success())
@@ -398,7 +570,7 @@ pub async fn try_call(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Result<(StatusCode, Value), String> {
-    let (status, body) = storebox_http::call(addr, method, path, headers, body.into())
+    let (status, body) = raw_call(addr, method, path, headers, body.into())
         .await
         .map_err(|e| format!("calling {addr}{path}: {e}"))?;
     let value = serde_json::from_slice(&body)
@@ -418,6 +590,9 @@ impl StoreBox {
         let started = Instant::now();
         let mut command = Command::new(bin("storebox"));
         command.arg("serve").arg("--config").arg(&self.config);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
         let log = self
             .config
             .with_file_name(format!("box-{}.log", free_port()));
@@ -429,8 +604,7 @@ impl StoreBox {
                     proc.log_text()
                 ));
             }
-            let answer =
-                storebox_http::call(self.lan, Method::GET, "/v1/status", &[], Bytes::new()).await;
+            let answer = raw_call(self.lan, Method::GET, "/v1/status", &[], Bytes::new()).await;
             if matches!(answer, Ok((s, _)) if s.is_success()) {
                 self.proc = Some(proc);
                 return Ok(started.elapsed());

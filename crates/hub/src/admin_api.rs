@@ -57,6 +57,9 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
             }
             match rest {
                 ["status"] => Route::Status(store.to_string()),
+                ["enroll-token"] => Route::EnrollToken(store.to_string()),
+                ["revoke"] => Route::Revoke(store.to_string()),
+                ["certificates"] => Route::Certificates(store.to_string()),
                 ["activity"] => Route::Activity(store.to_string()),
                 ["modules", module, tail @ ..] => {
                     if state.config.module(module).is_none() {
@@ -134,6 +137,11 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
             })
             .await
         }
+        (Method::POST, Route::EnrollToken(store)) => {
+            blocking(state, move |s| enroll_token(s, &store)).await
+        }
+        (Method::POST, Route::Revoke(store)) => blocking(state, move |_| revoke(&store)).await,
+        (Method::GET, Route::Certificates(store)) => certificates(&store),
         (_, Route::NotFound) => h::error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -153,7 +161,90 @@ enum Route {
     Activity(String),
     Import(String, String),
     Record(String, String, String),
+    EnrollToken(String),
+    Revoke(String),
+    Certificates(String),
     NotFound,
+}
+
+fn pki() -> Result<&'static Arc<crate::pki::Pki>, Response<Body>> {
+    crate::pki::global().ok_or_else(|| {
+        h::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this hub has no PKI configured",
+        )
+    })
+}
+
+/// A one-time enrollment token for the store's box.
+fn enroll_token(state: &AdminState, store: &str) -> Response<Body> {
+    let pki = match pki() {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let valid = match state.config.token_lifetime() {
+        Ok(v) => v,
+        Err(e) => return internal(e),
+    };
+    let now = crate::now_ms();
+    match pki.new_token(store, valid, now) {
+        Ok(token) => h::json(
+            StatusCode::OK,
+            &json!({
+                "store": store,
+                "token": token,
+                "expires_at": rfc3339(now.saturating_add(valid.as_millis() as i64)),
+            }),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+/// Revokes the store's box: its certificates are refused from its next request, its key can
+/// no longer renew; it needs a new token to enroll again.
+fn revoke(store: &str) -> Response<Body> {
+    let pki = match pki() {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match pki.revoke(store, crate::now_ms()) {
+        Ok(n) => h::json(
+            StatusCode::OK,
+            &json!({"store": store, "revoked_certificates": n}),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+/// The store's enrolled device and the certificates issued to it.
+fn certificates(store: &str) -> Response<Body> {
+    let pki = match pki() {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (device, issued) = pki.certificates(store);
+    let list: Vec<_> = issued
+        .iter()
+        .map(|(fp, i)| {
+            json!({
+                "fingerprint": fp,
+                "serial": i.serial,
+                "not_before": rfc3339(i.not_before_ms),
+                "not_after": rfc3339(i.not_after_ms),
+                "revoked_at": i.revoked_ms.map(rfc3339),
+            })
+        })
+        .collect();
+    h::json(
+        StatusCode::OK,
+        &json!({
+            "store": store,
+            "enrolled": device.as_ref().map(|d| rfc3339(d.enrolled_ms)),
+            "public_key": device.map(|d| d.public_key),
+            "certificates": list,
+        }),
+    )
 }
 
 async fn blocking(
@@ -200,6 +291,13 @@ pub fn parse_ndjson(body: &[u8]) -> Result<Vec<proto::CanonicalRecord>, String> 
         if line.trim().is_empty() {
             continue;
         }
+        if h::json_depth(line.as_bytes()) > h::MAX_JSON_DEPTH {
+            return Err(format!(
+                "line {}: JSON nested deeper than {} levels",
+                n + 1,
+                h::MAX_JSON_DEPTH
+            ));
+        }
         let record =
             proto::canonical_record_from_text(line).map_err(|e| format!("line {}: {e}", n + 1))?;
         records.push(record);
@@ -234,6 +332,13 @@ fn put_record(
     id: &str,
     body: &[u8],
 ) -> Response<Body> {
+    if h::json_depth(body) > h::MAX_JSON_DEPTH {
+        return h::error(
+            StatusCode::BAD_REQUEST,
+            "bad_record",
+            format!("JSON nested deeper than {} levels", h::MAX_JSON_DEPTH),
+        );
+    }
     let mut value: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {

@@ -32,6 +32,56 @@ pub struct HubConfig {
     pub zstd_level: i32,
     #[serde(default)]
     pub stores: Vec<StoreConfig>,
+    /// Box identities: the CA that signs boxes' short-lived client certificates.
+    #[serde(default)]
+    pub pki: PkiConfig,
+}
+
+/// The private PKI for boxes (`pki.rs`, docs/SECURITY.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// PEM CA certificate boxes' client certificates must chain to.
+    #[serde(default = "default_ca_cert")]
+    pub ca_cert: PathBuf,
+    /// PEM private key of that CA; the hub signs boxes' certificates with it.
+    #[serde(default = "default_ca_key")]
+    pub ca_key: PathBuf,
+    /// Lifetime of a box's client certificate ("24h"); boxes renew at two thirds of it.
+    #[serde(default = "default_cert_lifetime")]
+    pub cert_lifetime: String,
+    /// How long an enrollment token stays usable ("24h").
+    #[serde(default = "default_token_lifetime")]
+    pub token_lifetime: String,
+    /// Also accept the bearer store credentials of boxes set up before client certificates,
+    /// while they are enrolled. Off by default: the client certificate is the identity.
+    #[serde(default)]
+    pub legacy_credentials: bool,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        PkiConfig {
+            ca_cert: default_ca_cert(),
+            ca_key: default_ca_key(),
+            cert_lifetime: default_cert_lifetime(),
+            token_lifetime: default_token_lifetime(),
+            legacy_credentials: false,
+        }
+    }
+}
+
+fn default_ca_cert() -> PathBuf {
+    "ca.crt".into()
+}
+fn default_ca_key() -> PathBuf {
+    "ca.key".into()
+}
+fn default_cert_lifetime() -> String {
+    "24h".into()
+}
+fn default_token_lifetime() -> String {
+    "24h".into()
 }
 
 /// The HTTPS listener for boxes.
@@ -69,7 +119,9 @@ pub struct ModuleConfig {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub id: String,
-    /// SHA-256 (hex) of the store's credential; the credential itself lives only on the box.
+    /// SHA-256 (hex) of the store's legacy bearer credential, honoured only with
+    /// `[pki] legacy_credentials = true`; boxes now authenticate by client certificate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub credential_sha256: String,
 }
 
@@ -120,6 +172,8 @@ impl HubConfig {
             &mut config.sync.cert,
             &mut config.sync.key,
             &mut config.admin.token_file,
+            &mut config.pki.ca_cert,
+            &mut config.pki.ca_key,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -157,7 +211,24 @@ impl HubConfig {
             }
         }
         self.tombstone_retention()?;
+        self.cert_lifetime()?;
+        self.token_lifetime()?;
         Ok(())
+    }
+
+    /// Lifetime of boxes' client certificates.
+    pub fn cert_lifetime(&self) -> anyhow::Result<Duration> {
+        crate::pki::parse_lifetime(&self.pki.cert_lifetime, "[pki] cert_lifetime")
+    }
+
+    /// Lifetime of enrollment tokens.
+    pub fn token_lifetime(&self) -> anyhow::Result<Duration> {
+        crate::pki::parse_lifetime(&self.pki.token_lifetime, "[pki] token_lifetime")
+    }
+
+    /// Where the PKI keeps its state: beside the hub database.
+    pub fn pki_state(&self) -> PathBuf {
+        self.data_dir.join("pki.json")
     }
 
     /// The tombstone retention as a duration.

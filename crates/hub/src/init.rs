@@ -1,14 +1,13 @@
 //! `storehub init`: a ready-to-run hub and one box config per store, for the demo, tests and
 //! a first look. It makes a private CA, a server certificate for `localhost` and `127.0.0.1`,
-//! the admin token and one credential per store.
+//! the admin token and one one-time enrollment token per store, written into that store's box
+//! config: a box started on it generates its own key and enrolls itself on first contact, so
+//! the demo needs no technician step and no private key is ever made off the box.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
-};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 
 use crate::config::{AdminListener, HubConfig, StoreConfig, SyncListener};
 
@@ -57,11 +56,13 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
 
     let mut stores = Vec::new();
     let mut box_configs = Vec::new();
+    let mut tokens = Vec::new();
     for (i, store) in options.stores.iter().enumerate() {
-        let credential = random_token()?;
+        let token = random_token()?;
+        tokens.push((store.clone(), token.clone()));
         stores.push(StoreConfig {
             id: store.clone(),
-            credential_sha256: crate::sha256_hex(credential.as_bytes()),
+            credential_sha256: String::new(),
         });
         let lan_port = options
             .lan_port
@@ -75,7 +76,8 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
              [hub]\n\
              url = \"https://127.0.0.1:{hub}\"\n\
              ca_file = \"../ca.crt\"\n\
-             credential = \"{credential}\"\n\n\
+             # One-time: the box enrolls with it on first start, then renews by itself.\n\
+             enroll_token = \"{token}\"\n\n\
              [lan]\n\
              listen = \"127.0.0.1:{lan_port}\"\n\n\
              [sync]\n\
@@ -103,7 +105,15 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
         tombstone_retention: "30d".into(),
         zstd_level: 3,
         stores,
+        pki: crate::config::PkiConfig::default(),
     };
+    // The tokens stay usable for a week: a demo or test setup may be started days later.
+    crate::pki::write_initial_state(
+        &dir.join("hub-data").join("pki.json"),
+        &tokens,
+        std::time::Duration::from_secs(7 * 86_400),
+        crate::now_ms(),
+    )?;
     let text = toml::to_string_pretty(&config).context("writing hub.toml")?;
     write(
         &hub_toml,
@@ -115,12 +125,8 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
 
 fn make_ca() -> anyhow::Result<(String, CertificateParams, KeyPair)> {
     let key = KeyPair::generate().context("generating the CA key")?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "storehub private CA");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // The same parameters the PKI rebuilds to sign boxes' certificates.
+    let mut params = crate::pki::ca_params();
     let now = std::time::SystemTime::now();
     params.not_before = (now - std::time::Duration::from_secs(3600)).into();
     params.not_after = (now + std::time::Duration::from_secs(10 * 365 * 86_400)).into();

@@ -9,10 +9,15 @@
 //! - [`sync_api`]: the HTTPS listener boxes talk to.
 //! - [`admin_api`]: the back-office HTTP listener, bearer-token protected.
 //! - [`init`]: `storehub init`, a ready-to-run setup with its private CA.
+//! - [`pki`]: boxes' identities: enrollment tokens, short-lived client certificates,
+//!   revocation, the per-request certificate check.
+//! - [`enroll`]: the `/pki/v1/` calls boxes make to enroll and renew.
 
 pub mod admin_api;
 pub mod config;
+pub mod enroll;
 pub mod init;
+pub mod pki;
 pub mod store;
 pub mod sync_api;
 

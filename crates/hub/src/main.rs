@@ -46,6 +46,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a one-time enrollment token for a store's box (asks the running hub's admin API)
+    /// and print it; the technician runs `storebox enroll --token TOKEN` on the box.
+    EnrollToken {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        store: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,7 +101,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(&config),
+        Command::EnrollToken { config, store } => enroll_token(&config, &store),
     }
+}
+
+/// Asks the running hub for a token, over the admin API on this machine.
+fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
+    let config = HubConfig::load(path)?;
+    let token = std::fs::read_to_string(&config.admin.token_file)
+        .with_context(|| format!("reading {}", config.admin.token_file.display()))?;
+    let auth = format!("Bearer {}", token.trim());
+    let mut addr = config.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let (status, body) = runtime
+        .block_on(storebox_http::call(
+            addr,
+            http::Method::POST,
+            &format!("/admin/v1/stores/{store}/enroll-token"),
+            &[("authorization", auth.as_str())],
+            bytes::Bytes::new(),
+        ))
+        .with_context(|| format!("asking the hub's admin API at {addr} (is storehub serving?)"))?;
+    let doc: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("the hub answered {status} with a body that is not JSON"))?;
+    anyhow::ensure!(status.is_success(), "the hub answered {status}: {doc}");
+    let token = doc["token"]
+        .as_str()
+        .context("the hub's answer has no token")?;
+    println!("{token}");
+    eprintln!(
+        "one-time token for store {store}, valid until {}; on the box: storebox enroll --token {token}",
+        doc["expires_at"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
@@ -110,7 +153,17 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             "the admin token in {} is shorter than 16 characters",
             config.admin.token_file.display()
         );
-        let tls = storehub::sync_api::tls_acceptor(&config.sync.cert, &config.sync.key)?;
+        let pki = storehub::pki::Pki::open(
+            &config.pki.ca_key,
+            &config.pki_state(),
+            config.cert_lifetime()?,
+        )?;
+        storehub::pki::install(Arc::new(pki));
+        let tls = storehub::sync_api::tls_acceptor(
+            &config.sync.cert,
+            &config.sync.key,
+            &config.pki.ca_cert,
+        )?;
         let sync_listener = tokio::net::TcpListener::bind(config.sync.listen)
             .await
             .with_context(|| format!("listening for boxes on {}", config.sync.listen))?;
@@ -130,11 +183,22 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             store: store.clone(),
             token,
         });
-        tokio::spawn(storebox_http::serve(
+        // A box's connection is recycled well within its certificate's lifetime: opened at
+        // most two thirds in (it renews then), closed a sixth later, it never carries a
+        // certificate past its expiry (docs/SECURITY.md).
+        let sync_limits = storebox_http::Limits {
+            max_connection_age: Some(
+                (config.cert_lifetime()? / 6).max(std::time::Duration::from_secs(1)),
+            ),
+            ..storebox_http::Limits::default()
+        };
+        tokio::spawn(storebox_http::serve_with(
             sync_listener,
             Some(tls),
+            sync_limits,
             sync_state,
             storehub::sync_api::handle,
+            std::future::pending(),
         ));
         tokio::spawn(storebox_http::serve(
             admin_listener,

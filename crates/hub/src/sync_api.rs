@@ -1,7 +1,7 @@
 //! The HTTPS listener boxes talk to: delta pull, full sync, activity push, acknowledgement.
 //!
 //! Every answer is built from the database alone, so any number of boxes can be served at
-//! once; the only per-request state is the store the caller's credential names.
+//! once; the only per-request state is the store the caller's client certificate names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -145,12 +145,12 @@ impl SyncState {
 
 /// Answers one request from a box.
 pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<Body> {
-    let Some(store) = h::bearer(&req).and_then(|c| state.store_for(c)) else {
-        return h::error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or unknown store credential",
-        );
+    if req.uri().path().starts_with(crate::enroll::PATH_PREFIX) {
+        return crate::enroll::handle(&state.config, req).await;
+    }
+    let store = match authenticate(&state, &req) {
+        Ok(store) => store,
+        Err(response) => return response,
     };
     if req.method() != Method::POST {
         return h::error(
@@ -565,10 +565,42 @@ fn ack(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<
     encode_answer(state, &())
 }
 
-/// A TLS acceptor for the sync listener, offering HTTP/2 and HTTP/1.1.
+/// The store a request comes from: the client certificate of its connection, looked up in
+/// the PKI's register on every request, so expiry and revocation apply to resumed TLS
+/// sessions too (rustls does not re-verify a client certificate on resumption). Legacy
+/// bearer credentials only when `[pki] legacy_credentials` is on.
+fn authenticate(state: &SyncState, req: &Request<Incoming>) -> Result<String, Response<Body>> {
+    let leaf = req
+        .extensions()
+        .get::<h::PeerCertificates>()
+        .and_then(|c| c.0.first());
+    if let (Some(pki), Some(leaf)) = (crate::pki::global(), leaf) {
+        return pki
+            .authenticate(leaf, crate::now_ms())
+            .map_err(crate::enroll::error_response);
+    }
+    if state.config.pki.legacy_credentials {
+        if let Some(store) = h::bearer(req).and_then(|c| state.store_for(c)) {
+            return Ok(store);
+        }
+    }
+    Err(h::error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a client certificate issued by this hub is required: enroll the box (storebox enroll)",
+    ))
+}
+
+/// A TLS acceptor for the sync listener, offering HTTP/2 and HTTP/1.1, TLS 1.3 only.
+///
+/// Client certificates are asked for and, when sent, must chain to `client_ca`; a connection
+/// without one is let through the handshake because enrollment and renewal after an outage
+/// happen before the box holds a valid certificate. Every other call refuses it
+/// ([`authenticate`]).
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
+    client_ca: &std::path::Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use anyhow::Context;
     use rustls_pki_types::pem::PemObject;
@@ -579,11 +611,27 @@ pub fn tls_acceptor(
         .with_context(|| format!("parsing {}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading the key {}", key.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(client_ca)
+        .with_context(|| format!("reading the CA {}", client_ca.display()))?
+    {
+        let ca = ca.with_context(|| format!("parsing the CA {}", client_ca.display()))?;
+        roots
+            .add(ca)
+            .with_context(|| format!("loading the CA {}", client_ca.display()))?;
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("building the client certificate verifier")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("choosing TLS versions")?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .context("loading the hub certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

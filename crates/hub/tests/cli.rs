@@ -41,7 +41,13 @@ fn init_writes_a_private_setup_and_refuses_to_overwrite_it() {
     ] {
         assert!(dir.path().join(file).exists(), "{file} missing");
     }
-    for secret in ["ca.key", "hub.key", "admin.token", "boxes/shop-1.toml"] {
+    for secret in [
+        "ca.key",
+        "hub.key",
+        "admin.token",
+        "boxes/shop-1.toml",
+        "hub-data/pki.json",
+    ] {
         let mode = std::fs::metadata(dir.path().join(secret))
             .unwrap()
             .permissions()
@@ -52,14 +58,21 @@ fn init_writes_a_private_setup_and_refuses_to_overwrite_it() {
     assert!(box2.contains("store_id = \"shop-2\""));
     assert!(box2.contains("listen = \"127.0.0.1:9001\""), "{box2}");
     let hub = std::fs::read_to_string(dir.path().join("hub.toml")).unwrap();
-    let credential = box2
+    let token = box2
         .lines()
-        .find_map(|l| l.strip_prefix("credential = \""))
+        .find_map(|l| l.strip_prefix("enroll_token = \""))
         .unwrap()
         .trim_end_matches('"');
-    // The hub keeps only a digest of each store's credential.
-    assert!(!hub.contains(credential));
-    assert!(hub.contains(&storehub::sha256_hex(credential.as_bytes())));
+    // The hub keeps only a digest of each store's one-time enrollment token, and no box key:
+    // the box makes its own.
+    let pki = std::fs::read_to_string(dir.path().join("hub-data/pki.json")).unwrap();
+    assert!(!pki.contains(token) && !hub.contains(token));
+    assert!(pki.contains(&storehub::sha256_hex(token.as_bytes())));
+    let mode = std::fs::metadata(dir.path().join("hub-data/pki.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "pki.json is readable by others");
 
     let again = storehub()
         .args(["init", "--dir"])

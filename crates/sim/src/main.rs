@@ -45,9 +45,15 @@ enum Command {
     },
     /// Runs simulated tills against a box's till API.
     Tills {
-        /// Base URL of the box, e.g. http://127.0.0.1:8080.
+        /// Base URL of the box, e.g. https://127.0.0.1:8080.
         #[arg(long = "box", value_name = "URL")]
         box_url: String,
+        /// SHA-256 fingerprint of the box's LAN certificate (https boxes).
+        #[arg(long, value_name = "HEX")]
+        fingerprint: Option<String>,
+        /// The paired till token (from `storebox pair`), sent as a bearer token.
+        #[arg(long, env = "STORESIM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Number of tills, each with its own keep-alive connection.
         #[arg(long)]
         tills: u32,
@@ -86,6 +92,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Day { out, seed, day } => day_files(&out, seed, day),
         Command::Tills {
             box_url,
+            fingerprint,
+            token,
             tills,
             duration,
             rate,
@@ -100,6 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 seed,
                 report_every: Some(Duration::from_secs(report_every)),
+                fingerprint,
+                token,
             };
             run_tills(opts)
         }

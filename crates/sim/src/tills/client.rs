@@ -1,12 +1,13 @@
 //! A minimal keep-alive HTTP/1.1 client for one till: one hyper connection
-//! over a tokio `TcpStream`, re-established whenever it breaks (the box may
-//! restart while tills keep selling).
+//! over a tokio `TcpStream` (inside TLS pinned to the box's certificate for an
+//! `https://` box), re-established whenever it breaks (the box may restart
+//! while tills keep selling). Every request carries the till's token.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST, USER_AGENT};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -27,20 +28,41 @@ pub(crate) struct Endpoint {
     authority: String,
     /// Path prefix of the API (empty for `http://host:port`).
     prefix: String,
+    /// TLS pinned to the box's certificate, for `https://`.
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// `Authorization` header value, when the till is paired.
+    authorization: Option<String>,
 }
 
 impl Endpoint {
     /// Parses `http://host[:port][/prefix]`.
+    #[cfg(test)]
     pub(crate) fn parse(url: &str) -> anyhow::Result<Self> {
+        Self::parse_secure(url, None, None)
+    }
+
+    /// Parses `http(s)://host[:port][/prefix]`; `https` needs the SHA-256
+    /// fingerprint of the box's LAN certificate to pin.
+    pub(crate) fn parse_secure(
+        url: &str,
+        fingerprint: Option<&str>,
+        token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("invalid box URL {url:?}"))?;
-        if uri.scheme_str() != Some("http") {
-            bail!(
-                "box URL {url:?} must start with http:// \
-                 (the till API is plain HTTP/1.1 on the shop LAN)"
-            );
-        }
+        let tls = match (uri.scheme_str(), fingerprint) {
+            (Some("http"), _) => None,
+            (Some("https"), Some(fp)) => Some(
+                storebox_http::pinned::pinned_client_config(fp)
+                    .map_err(|e| anyhow::anyhow!("--fingerprint: {e}"))?,
+            ),
+            (Some("https"), None) => bail!(
+                "box URL {url:?} is https: give the box's certificate fingerprint \
+                 (--fingerprint, from `storebox pair` or the status page) to pin it"
+            ),
+            _ => bail!("box URL {url:?} must start with http:// or https://"),
+        };
         let authority = uri
             .authority()
             .with_context(|| format!("box URL {url:?} has no host"))?;
@@ -50,11 +72,14 @@ impl Endpoint {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        let default_port = if tls.is_some() { 443 } else { 80 };
         Ok(Self {
             host,
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(default_port),
             authority: authority.as_str().to_owned(),
             prefix: uri.path().trim_end_matches('/').to_owned(),
+            tls,
+            authorization: token.map(|t| format!("Bearer {}", t.trim())),
         })
     }
 
@@ -151,6 +176,9 @@ impl Client {
             .uri(target)
             .header(HOST, &self.endpoint.authority)
             .header(USER_AGENT, "storesim");
+        if let Some(auth) = &self.endpoint.authorization {
+            req = req.header(AUTHORIZATION, auth);
+        }
         if body.is_some() {
             req = req.header(CONTENT_TYPE, "application/json");
         }
@@ -175,15 +203,34 @@ impl Client {
             .with_context(|| format!("connecting to {host}:{port}"))?;
         // Requests are small and latency is what we measure.
         stream.set_nodelay(true).context("setting TCP_NODELAY")?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP/1.1 handshake")?;
         // The connection task ends when the box closes the connection or the
         // sender is dropped; its error then surfaces through the sender.
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        match &self.endpoint.tls {
+            Some(config) => {
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                    .with_context(|| format!("{host:?} is not a server name"))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .context("TLS handshake with the box")?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .context("HTTP/1.1 handshake")?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(sender)
+            }
+            None => {
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .context("HTTP/1.1 handshake")?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(sender)
+            }
+        }
     }
 }
 
@@ -202,7 +249,15 @@ mod tests {
         let e = Endpoint::parse("http://[::1]/box/").expect("valid URL");
         assert_eq!((e.host.as_str(), e.port), ("::1", 80));
         assert_eq!(e.target("/v1/activity"), "/box/v1/activity");
-        assert!(Endpoint::parse("https://example.org").is_err());
+        assert!(
+            Endpoint::parse("https://example.org").is_err(),
+            "https needs a pin"
+        );
+        let pinned =
+            Endpoint::parse_secure("https://127.0.0.1:8443", Some(&"ab".repeat(32)), Some("t"))
+                .expect("https with a pin");
+        assert!(pinned.tls.is_some());
+        assert_eq!(pinned.authorization.as_deref(), Some("Bearer t"));
         assert!(Endpoint::parse("not a url").is_err());
     }
 }

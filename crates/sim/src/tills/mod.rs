@@ -56,6 +56,10 @@ pub struct TillsOptions {
     pub seed: u64,
     /// Print one line per till to stdout this often (and never when `None`).
     pub report_every: Option<Duration>,
+    /// SHA-256 fingerprint of the box's LAN certificate, for an `https://` box.
+    pub fingerprint: Option<String>,
+    /// The paired till token every request carries.
+    pub token: Option<String>,
 }
 
 /// A product as a till knows it before asking the box.
@@ -92,7 +96,11 @@ pub async fn run(
         opts.rate.is_finite() && opts.rate >= 0.0,
         "the rate must be a non-negative number of sales per second"
     );
-    let endpoint = Endpoint::parse(&opts.base_url)?;
+    let endpoint = Endpoint::parse_secure(
+        &opts.base_url,
+        opts.fingerprint.as_deref(),
+        opts.token.as_deref(),
+    )?;
     // Generating the store takes a moment of CPU: keep it off the runtime's
     // worker threads.
     let for_shared = opts.clone();

@@ -163,6 +163,8 @@ fn options(addr: SocketAddr, tills: u32, secs: f64, rate: f64) -> TillsOptions {
         rate,
         seed: 9,
         report_every: None,
+        fingerprint: None,
+        token: None,
     }
 }
 
