@@ -435,11 +435,15 @@ pub async fn run() -> anyhow::Result<()> {
         .measure(|| async {
             for n in 0..SALES {
                 let body = format!("{a}bw-sale-{n}{b}");
+                let auth = crate::common::bench_auth();
                 let (status, answer) = call(
                     boxp.lan,
                     Method::POST,
                     "/v1/activity",
-                    &[("content-type", "application/json")],
+                    &[
+                        ("content-type", "application/json"),
+                        ("authorization", &auth),
+                    ],
                     Bytes::from(body),
                 )
                 .await?;

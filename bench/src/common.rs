@@ -255,7 +255,7 @@ impl Hub {
 /// `Authorization` value of the box's paired bench token (set when the box is spawned).
 static BENCH_AUTH: Mutex<String> = Mutex::new(String::new());
 
-fn bench_auth() -> String {
+pub fn bench_auth() -> String {
     BENCH_AUTH
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

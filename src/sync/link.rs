@@ -312,8 +312,24 @@ impl HubLink {
         timeout: Duration,
         held: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Bytes, LinkError> {
-        let result =
-            tokio::time::timeout(timeout, self.post_inner(process, path, body, held)).await;
+        let body = Bytes::from(body);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut result =
+            tokio::time::timeout_at(deadline, self.post_inner(process, path, body.clone(), held))
+                .await;
+        // A request sent in the instant the hub closes the connection (it does so gracefully
+        // every few hours, and a line cut looks the same) never reached the hub: send it
+        // again at once on a new connection. Every sync call is safe to repeat: reads, and
+        // pushes the hub deduplicates by event id.
+        if let Ok(Err(LinkError::Http(e))) = &result {
+            if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
+                tracing::debug!("the hub connection closed under a request; sending it again");
+                *self.connection.lock().await = None;
+                result =
+                    tokio::time::timeout_at(deadline, self.post_inner(process, path, body, held))
+                        .await;
+            }
+        }
         if let Some(flag) = held {
             flag.store(false, Ordering::Relaxed);
         }
@@ -336,7 +352,7 @@ impl HubLink {
         &self,
         process: Process,
         path: &str,
-        body: Vec<u8>,
+        body: Bytes,
         held: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Bytes, LinkError> {
         let mut sender = {
@@ -361,11 +377,7 @@ impl HubLink {
         .header(header::AUTHORIZATION, &self.target.authorization)
         .header(header::CONTENT_TYPE, proto::CONTENT_TYPE)
         .header(proto::HEADER_PROTOCOL, proto::PROTOCOL_VERSION.to_string())
-        .body(ShapedBody::new(
-            Bytes::from(body),
-            self.upload.clone(),
-            process,
-        ))?;
+        .body(ShapedBody::new(body, self.upload.clone(), process))?;
         let response = sender.send_request(request);
         if let Some(flag) = held {
             flag.store(true, Ordering::Relaxed);

@@ -56,6 +56,10 @@ enum Command {
     },
 }
 
+/// How long the sync listener keeps a box's connection with no request in flight: longer
+/// than the default delta interval (5 minutes), with room for a slow poll.
+const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 fn main() -> std::process::ExitCode {
     let filter = std::env::var("STOREHUB_LOG")
         .ok()
@@ -190,6 +194,10 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             max_connection_age: Some(
                 (config.cert_lifetime()? / 6).max(std::time::Duration::from_secs(1)),
             ),
+            // A box polling every 5 minutes keeps its connection between polls: closing it
+            // after the default 2 idle minutes would cost each poll a TLS handshake, five
+            // times the poll itself on the shop's line (docs/PROTOCOL.md).
+            idle_timeout: SYNC_IDLE_TIMEOUT,
             ..storebox_http::Limits::default()
         };
         tokio::spawn(storebox_http::serve_with(
