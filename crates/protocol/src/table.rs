@@ -104,6 +104,25 @@ impl RecordTable {
                 columns: self.columns.len(),
             });
         }
+        // Check every column's length before allocating anything per record: a count that
+        // no column backs must not make the box allocate for it.
+        if !self.keys.iter().any(|k| k == "id") && count > 0 {
+            return Err(TableError::MissingId);
+        }
+        for (key, column) in self.keys.iter().zip(&self.columns) {
+            let found = match column {
+                Column::Text(text) if count == 0 && text.is_empty() => 0,
+                Column::Text(text) => text.split('\n').count(),
+                Column::Serial { steps, .. } => steps.len(),
+            };
+            if found != count {
+                return Err(TableError::Length {
+                    key: key.clone(),
+                    found,
+                    count,
+                });
+            }
+        }
         let mut texts: Vec<String> = vec![String::from("{"); count];
         let mut ids: Vec<Option<String>> = vec![None; count];
         for (key, column) in self.keys.iter().zip(self.columns) {
@@ -265,6 +284,19 @@ mod tests {
             table.clone().into_records(),
             Err(TableError::Length { .. })
         ));
+        // A count no column backs is refused before anything is allocated for it.
+        let mut huge = table.clone();
+        huge.count = u32::MAX;
+        assert!(matches!(
+            huge.into_records(),
+            Err(TableError::Length { .. })
+        ));
+        let no_id = RecordTable {
+            count: u32::MAX,
+            keys: vec![],
+            columns: vec![],
+        };
+        assert!(matches!(no_id.into_records(), Err(TableError::MissingId)));
         table.columns.pop();
         assert!(matches!(
             table.into_records(),
