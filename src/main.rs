@@ -9,6 +9,7 @@ mod discovery;
 mod journal;
 mod lan;
 mod metrics;
+mod migrate;
 mod status;
 mod statuspage;
 mod storage;
@@ -67,6 +68,12 @@ enum Command {
         /// The UDP port boxes answer the probe on (their `[discovery] udp_port`).
         #[arg(long, default_value_t = discovery::DEFAULT_UDP_PORT)]
         udp_port: u16,
+    },
+    /// Bring the local database to the schema this binary knows, before `serve` (run by
+    /// storebox-migrate.service); refuses data written by a newer release.
+    Migrate {
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Work with the configuration without starting the daemon.
     Config {
@@ -178,6 +185,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Migrate { config } => {
+            let config = BoxConfig::load(&config)?;
+            let store = storage::BoxStore::open(&config.data_dir, config.storage.cache_mib)?;
+            let outcome = migrate::migrate(&store, &config.data_dir)?;
+            println!(
+                "{}: schema {} ({outcome:?})",
+                config.data_dir.join(storage::BoxStore::FILE_NAME).display(),
+                migrate::SCHEMA_VERSION
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Discover { timeout, udp_port } => {
             runtime.block_on(discovery::discover_command(timeout, udp_port))
         }
@@ -207,6 +225,7 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         &config.data_dir,
         config.storage.cache_mib,
     )?);
+    migrate::check(&store, &config.data_dir)?;
     let target = Arc::new(sync::link::HubTarget::new(
         &config.hub.url,
         &config.hub.ca_file,
