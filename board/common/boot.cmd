@@ -36,7 +36,7 @@ setenv BOOT_A_LEFT
 setenv BOOT_B_LEFT
 part start ${devtype} ${devnum} ${bs_part} bs_start
 if ${devtype} read ${bs_addr} ${bs_start} ${bs_blocks} && env import -c ${bs_addr} ${bs_size} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; then
-	echo "storebox: boot state: order '${BOOT_ORDER}', A ${BOOT_A_LEFT} left, B ${BOOT_B_LEFT} left"
+	echo "storebox: boot state: order ${BOOT_ORDER}, A ${BOOT_A_LEFT} left, B ${BOOT_B_LEFT} left"
 else
 	echo "storebox: no valid boot state in partition ${bs_part}; starting afresh"
 fi

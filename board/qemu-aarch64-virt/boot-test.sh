@@ -110,8 +110,10 @@ mkdir -p "$work/hub" "$work/provision"
 HUB_PID=$!
 admin=http://127.0.0.1:$admin_port
 token=$(<"$work/hub/admin.token")
-wait_for 30 "the hub's admin API" curl -fsS --max-time 2 -o /dev/null \
-    -H "authorization: Bearer $token" "$admin/admin/v1/stores"
+hub_up() {
+    curl -fs --max-time 2 -o /dev/null -H "authorization: Bearer $token" "$admin/admin/v1/stores"
+}
+wait_for 30 "the hub's admin API" hub_up
 # The record the till will ask the box for: it can only come from the hub.
 sku="ci-$RANDOM$RANDOM"
 curl -fsS --max-time 10 -H "authorization: Bearer $token" \
@@ -157,25 +159,30 @@ boot_vm() {
 # console_has TEXT: the console printed TEXT since the last console_mark.
 CONSOLE_FROM=0
 console_mark() { CONSOLE_FROM=$(stat -c %s "$work/console.log"); }
-console_since() { tail -c "+$((CONSOLE_FROM + 1))" "$work/console.log"; }
+# Without carriage returns and terminal escapes (bash's bracketed paste, colours).
+console_since() {
+    tail -c "+$((CONSOLE_FROM + 1))" "$work/console.log" |
+        sed -e 's/\r//g' -e 's/\x1b\[[?0-9;]*[a-zA-Z]//g'
+}
 console_has() { console_since | grep -aqF -- "$1"; }
 
 # run TAG 'shell command': runs it on the serial console; its output comes back as
 # "TAG:<output>" lines. Waits 60 s for the tag.
 run() {
     local tag=$1 cmd=$2 n
-    n=$((++RUN_SEQ))
-    # The command's echo on the tty has the quotes in it; the real output line does not.
-    printf '%s\n' "( $cmd ) 2>&1 | sed 's/^/$tag$n""=/'; echo $tag$n""=END" >&7
+    # Unique per call, though callers run this in $(...) subshells that share no counter.
+    n=$RANDOM$RANDOM
+    # Output lines start with the tag (the tty's echo of the command never does); the end
+    # mark's echo has quotes in it, the mark itself does not.
+    printf '%s\n' "( $cmd ) 2>&1 | sed 's/^/$tag$n=/'; echo $tag$n\"\"=END" >&7
     wait_for 60 "the console to run: $cmd" console_has "$tag$n=END"
-    console_since | tr -d '\r' | sed -n "s/^$tag$n=//p" | sed '$d'
+    console_since | sed -n "s/^$tag$n=//p" | sed '$d'
 }
-RUN_SEQ=0
 
 boot_vm
 wait_for "$BOOT_TIMEOUT" "a shell on the serial console" console_has "root@storebox"
 echo "boot-test: serial console shell after $((SECONDS - qemu_start)) s"
-slot_line=$(console_since | grep -a "storebox: booting slot" | tail -n1 | tr -d '\r')
+slot_line=$(console_since | grep -a "storebox: booting slot" | tail -n1)
 echo "boot-test: U-Boot said: $slot_line"
 [[ $slot_line == *"slot A"* ]] || die "expected U-Boot to boot slot A first"
 
@@ -230,9 +237,11 @@ run F "fw_setenv BOOT_A_LEFT 0 && sync && echo ok" | grep -qx ok || die "fw_sete
 console_mark
 printf 'systemctl reboot\n' >&7
 wait_for "$BOOT_TIMEOUT" "U-Boot to boot a slot after the reboot" console_has "storebox: booting slot"
-slot_line=$(console_since | grep -a "storebox: booting slot" | tail -n1 | tr -d '\r')
+slot_line=$(console_since | grep -a "storebox: booting slot" | tail -n1)
 echo "boot-test: U-Boot said: $slot_line"
 [[ $slot_line == *"slot B"* ]] || die "expected slot B after A ran out of attempts"
+# Typing before the autologin shell is up would be lost: wait for this boot's own prompt.
+console_mark
 wait_for "$BOOT_TIMEOUT" "the shell after booting slot B" console_has "root@storebox"
 wait_for 120 "storebox.service active on slot B" check_active
 booted=$(run S "tr ' ' '\n' </proc/cmdline | grep rauc.slot")

@@ -186,14 +186,17 @@ if [[ -n $provision ]]; then
     sed -i -e "s/@STORE_ID@/$store_id/" -e "s/@HUB_HOST@/127.0.0.1/" \
         "$root/etc/storebox/storebox.toml"
     install -m 0644 "$provision/ca.crt" "$root/etc/storebox/ca.crt"
-    install -m 0640 -g storebox "$provision/credential" "$root/etc/storebox/credential"
+    # The group as the image knows it, not as this machine does.
+    gid=$(awk -F: '$1 == "storebox" { print $3 }' "$root/etc/group")
+    [[ -n $gid ]] || die "no group storebox in the image"
+    install -m 0640 -g "$gid" "$provision/credential" "$root/etc/storebox/credential"
 fi
 
 # --- the images --------------------------------------------------------------------------
 mkdir -p "$out" "$work/input" "$work/empty"
-mke2fs -q -t ext4 -L rootfs -d "$root" "$work/input/rootfs.ext4" "$ROOTFS_SIZE"
-mkimage -q -A arm64 -O linux -T script -C none -n "storebox A/B" \
-    -d "$COMMON/boot.cmd" "$work/input/boot.scr"
+mke2fs -q -t ext4 -L rootfs -d "$root" "$work/input/rootfs.ext4" "$ROOTFS_SIZE" >/dev/null
+mkimage -A arm64 -O linux -T script -C none -n "storebox A/B" \
+    -d "$COMMON/boot.cmd" "$work/input/boot.scr" >/dev/null
 mkenvimage -s 0x4000 -o "$work/input/uboot-env.bin" "$COMMON/bootstate.txt"
 cp "$HERE/board.txt" "$work/input/board.txt"
 genimage --config "$HERE/genimage.cfg" --rootpath "$work/empty" --tmppath "$work/genimage" \
