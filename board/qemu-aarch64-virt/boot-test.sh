@@ -77,14 +77,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 port_free() { ! ss -Htln "sport = :$1" | grep -q .; }
-pick_port() {
+PICKED=""
+pick_port() {  # pick_port VAR: a free loopback TCP port, not picked before
     local p i
     for ((i = 0; i < 200; i++)); do
         p=$((20000 + RANDOM % 40000))
-        [[ " ${picked:-} " == *" $p "* ]] && continue
+        [[ " $PICKED " == *" $p "* ]] && continue
         port_free "$p" || continue
-        picked="${picked:-} $p"
-        echo "$p"; return 0
+        PICKED+=" $p"
+        printf -v "$1" '%s' "$p"
+        return 0
     done
     die "no free port"
 }
@@ -100,7 +102,8 @@ wait_for() {
 }
 
 # --- the hub, on the host, seeded ------------------------------------------------------------
-hub_port=$(pick_port) admin_port=$(pick_port) lan_port=$(pick_port)
+hub_port="" admin_port="" lan_port=""
+pick_port hub_port; pick_port admin_port; pick_port lan_port
 mkdir -p "$work/hub" "$work/provision"
 "$QEMU_USER" "$bin_dir/storehub" init --dir "$work/hub" --store "$STORE" \
     --hub-port "$hub_port" --admin-port "$admin_port" >"$work/hub-init.log" 2>&1 ||
@@ -200,6 +203,19 @@ wait_for 60 "storebox-mark-good.service" check_good
 env_now=$(run E "fw_printenv")
 echo "boot-test: boot state after mark-good: $(tr '\n' ' ' <<<"$env_now")"
 grep -qx "BOOT_A_LEFT=3" <<<"$env_now" || die "slot A was not marked good (BOOT_A_LEFT=3)"
+
+# The system around it, as the overlay set it up: the data partition's flash-friendly mount,
+# the hardware watchdog driven by systemd, logs in RAM, no swap.
+facts=$(run P "echo mount=\$(findmnt -no SOURCE,OPTIONS /var/lib/storebox);
+echo watchdog=\$(systemctl show -P RuntimeWatchdogUSec)/\$(ls /dev/watchdog0);
+echo journal=\$(ls -d /run/log/journal /var/log/journal 2>/dev/null);
+echo swap=\$(swapon --noheadings | wc -l)")
+echo "boot-test: $(tr '\n' ' ' <<<"$facts")"
+grep -q '^mount=/dev/vda5 .*noatime.*commit=60' <<<"$facts" ||
+    die "/var/lib/storebox is not the data partition with noatime,commit=60"
+grep -qx 'watchdog=30s//dev/watchdog0' <<<"$facts" || die "no hardware watchdog driven by systemd"
+grep -qx 'journal=/run/log/journal' <<<"$facts" || die "the journal is not in RAM only"
+grep -qx 'swap=0' <<<"$facts" || die "swap is in use"
 
 # 2. A till's lookup through the LAN API answers with the record synced from the hub.
 lookup() {
