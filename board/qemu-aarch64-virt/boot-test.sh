@@ -208,13 +208,13 @@ grep -qx "BOOT_A_LEFT=3" <<<"$env_now" || die "slot A was not marked good (BOOT_
 # the hardware watchdog driven by systemd, logs in RAM, no swap.
 facts=$(run P "echo mount=\$(findmnt -no SOURCE,OPTIONS /var/lib/storebox);
 echo watchdog=\$(systemctl show -P RuntimeWatchdogUSec)/\$(ls /dev/watchdog0);
-echo journal=\$(ls -d /run/log/journal /var/log/journal 2>/dev/null);
+echo journal=run:\$(find /run/log/journal -name '*.journal' | wc -l),var:\$(find /var/log/journal -name '*.journal' 2>/dev/null | wc -l);
 echo swap=\$(swapon --noheadings | wc -l)")
 echo "boot-test: $(tr '\n' ' ' <<<"$facts")"
 grep -q '^mount=/dev/vda5 .*noatime.*commit=60' <<<"$facts" ||
     die "/var/lib/storebox is not the data partition with noatime,commit=60"
 grep -qx 'watchdog=30s//dev/watchdog0' <<<"$facts" || die "no hardware watchdog driven by systemd"
-grep -qx 'journal=/run/log/journal' <<<"$facts" || die "the journal is not in RAM only"
+grep -qE '^journal=run:[1-9][0-9]*,var:0$' <<<"$facts" || die "the journal is not in RAM only"
 grep -qx 'swap=0' <<<"$facts" || die "swap is in use"
 
 # 2. A till's lookup through the LAN API answers with the record synced from the hub.
