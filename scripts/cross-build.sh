@@ -188,10 +188,13 @@ for t in "${targets[@]}"; do
             *) echo "cross-build: $bin is not static: $desc" >&2; exit 1 ;;
         esac
         # Debug info apart: cargo relinks only when a source changed, so split only a binary
-        # that still has its sections (a second run finds it stripped and leaves it).
-        if "${prefix}objcopy" --dump-section .debug_line=/dev/null "$bin" 2>/dev/null; then
+        # that still has debug sections (a second run finds it stripped and leaves it, and
+        # the NAME.debug of the first).
+        if "${prefix}readelf" -S -W "$bin" | grep -q '\] \.debug_info '; then
             "${prefix}objcopy" --only-keep-debug "$bin" "$bin.debug"
-            "${prefix}objcopy" --strip-all --add-gnu-debuglink="$bin.debug" "$bin"
+            # A new file, not in place: cargo's copy in deps/ (a hard link) keeps its debug info.
+            "${prefix}objcopy" --strip-all --add-gnu-debuglink="$bin.debug" "$bin" "$bin.tmp"
+            mv "$bin.tmp" "$bin"
         fi
         desc=$(file -b "$bin")
         size=$(stat -c %s "$bin")
