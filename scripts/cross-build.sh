@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
 # Static, stripped release binaries of the box (storebox) and the hub
-# (storehub) for ARM boards, built without Docker.
+# (storehub) for ARM boards, built without Docker; their debug info kept apart.
 #
-#   scripts/cross-build.sh [--armv7] [--no-install] [TARGET...]
+#   scripts/cross-build.sh [--armv7] [--fault-injection] [--no-install] [TARGET...]
 #
 # TARGET defaults to aarch64-unknown-linux-musl. Supported:
 #   aarch64-unknown-linux-musl      Debian gcc-aarch64-linux-gnu   (verified)
-#   armv7-unknown-linux-musleabihf  Debian gcc-arm-linux-gnueabihf (--armv7;
-#                                   needs rustup's rust-std for that target)
+#   armv7-unknown-linux-musleabihf  Debian gcc-arm-linux-gnueabihf (needs
+#                                   rustup's rust-std for that target)
+#   armv7-unknown-linux-gnueabihf   Debian gcc-arm-linux-gnueabihf, linked
+#                                   statically against glibc (+crt-static)
+# --armv7 means armv7-unknown-linux-musleabihf when rustup can install its
+# standard library, else armv7-unknown-linux-gnueabihf, and says so.
 #
 # Rust's musl targets bring their own musl libc, crt objects and libunwind, so
 # Debian's glibc cross gcc serves as linker and as C compiler for the C parts
-# of crates (ring, zstd-sys); see .cargo/config.toml.
+# of crates (ring, zstd-sys); see .cargo/config.toml. The static glibc build
+# resolves names through the NSS built into libc.a (files, dns); glibc warns
+# that a static binary would need its own version's shared NSS modules for
+# anything else (ldap, mdns...), which a box does not use.
+#
+# The release profile (LTO, panic=abort) is built with line tables; each
+# binary is then split: target/T/release/NAME stripped, NAME.debug beside it
+# with the debug info, tied by build id and .gnu_debuglink (gdb and
+# addr2line find it; keep it with the release, do not ship it).
+#
+# --fault-injection builds, instead, storebox alone with the test-only fault
+# switches (--features fault-injection) in the `fault-test` profile, into
+# target/T/fault-test/storebox: for the image boot test, never for a release.
 #
 # Installs only what is missing (apt packages, after one `apt-get update`;
 # rustup targets) and prints nothing for what is already there. Then runs
@@ -30,19 +46,33 @@ CARGO=${CARGO:-cargo}
 PACKAGES=(storebox storehub)
 install=1
 targets=()
+armv7=0
+profile=release
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 while (($#)); do
     case $1 in
         -h|--help) usage; exit 0 ;;
-        --armv7) targets+=(armv7-unknown-linux-musleabihf) ;;
+        --armv7) armv7=1 ;;
+        --fault-injection) profile=fault-test ;;
         --no-install) install=0 ;;
         -*) echo "cross-build: unknown option $1" >&2; usage >&2; exit 2 ;;
         *) targets+=("$1") ;;
     esac
     shift
 done
+# --armv7: musl when rustup has its standard library for this toolchain, else static glibc.
+if ((armv7)); then
+    if rustup target list --installed | grep -qx armv7-unknown-linux-musleabihf ||
+        { ((install)) && rustup target add armv7-unknown-linux-musleabihf >/dev/null 2>&1; }; then
+        targets+=(armv7-unknown-linux-musleabihf)
+    else
+        echo "cross-build: no Rust standard library for armv7-unknown-linux-musleabihf" \
+            "from rustup; building armv7-unknown-linux-gnueabihf (static glibc) instead" >&2
+        targets+=(armv7-unknown-linux-gnueabihf)
+    fi
+fi
 ((${#targets[@]})) || targets=(aarch64-unknown-linux-musl)
 
 # target -> "gcc-prefix apt-packages..."
@@ -50,11 +80,12 @@ toolchain_for() {
     case $1 in
         aarch64-unknown-linux-musl)
             echo "aarch64-linux-gnu- gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;
-        armv7-unknown-linux-musleabihf)
+        armv7-unknown-linux-musleabihf|armv7-unknown-linux-gnueabihf)
             echo "arm-linux-gnueabihf- gcc-arm-linux-gnueabihf libc6-dev-armhf-cross" ;;
         *)
             echo "cross-build: unsupported target '$1'" >&2
-            echo "  (supported: aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)" >&2
+            echo "  (supported: aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf" \
+                "armv7-unknown-linux-gnueabihf)" >&2
             return 1 ;;
     esac
 }
@@ -115,8 +146,16 @@ done
 
 # --- build -------------------------------------------------------------------
 target_dir=${CARGO_TARGET_DIR:-target}
+build_args=(--release)
+if [[ $profile == fault-test ]]; then
+    PACKAGES=(storebox)
+    build_args=(--profile fault-test --features fault-injection)
+fi
 pkg_args=()
 for p in "${PACKAGES[@]}"; do pkg_args+=(-p "$p"); done
+# Line tables, not stripped by cargo: the split below keeps them in NAME.debug.
+export CARGO_PROFILE_RELEASE_DEBUG=${CARGO_PROFILE_RELEASE_DEBUG:-line-tables-only}
+export CARGO_PROFILE_RELEASE_STRIP=${CARGO_PROFILE_RELEASE_STRIP:-none}
 
 for t in "${targets[@]}"; do
     read -r prefix _pkgs <<<"$(toolchain_for "$t")"
@@ -126,14 +165,19 @@ for t in "${targets[@]}"; do
     export "$cc_var=${!cc_var:-${prefix}gcc}"
     export "$ar_var=${!ar_var:-${prefix}ar}"
     export "$ld_var=${!ld_var:-${prefix}gcc}"
+    if [[ $t == *-gnueabihf ]]; then
+        # glibc targets link dynamically unless told; an appliance binary must not.
+        flags_var=CARGO_TARGET_${TU}_RUSTFLAGS
+        export "$flags_var=${!flags_var:-} -C target-feature=+crt-static"
+    fi
 
-    echo "cross-build: $t (cc ${!cc_var}, linker ${!ld_var})"
+    echo "cross-build: $t, profile $profile (cc ${!cc_var}, linker ${!ld_var})"
     start=$SECONDS
-    "$CARGO" build --release --locked --target "$t" --bins "${pkg_args[@]}"
+    "$CARGO" build "${build_args[@]}" --locked --target "$t" --bins "${pkg_args[@]}"
     echo "cross-build: $t built in $((SECONDS - start)) s"
 
     for p in "${PACKAGES[@]}"; do
-        bin=$target_dir/$t/release/$p
+        bin=$target_dir/$t/$profile/$p
         if [[ ! -f $bin ]]; then
             echo "cross-build: $bin was not built" >&2
             exit 1
@@ -143,8 +187,20 @@ for t in "${targets[@]}"; do
             *"statically linked"*|*"static-pie linked"*) ;;
             *) echo "cross-build: $bin is not static: $desc" >&2; exit 1 ;;
         esac
+        # Debug info apart: cargo relinks only when a source changed, so split only a binary
+        # that still has debug sections (a second run finds it stripped and leaves it, and
+        # the NAME.debug of the first).
+        if "${prefix}readelf" -S -W "$bin" | grep -q '\] \.debug_info '; then
+            "${prefix}objcopy" --only-keep-debug "$bin" "$bin.debug"
+            # A new file, not in place: cargo's copy in deps/ (a hard link) keeps its debug info.
+            "${prefix}objcopy" --strip-all --add-gnu-debuglink="$bin.debug" "$bin" "$bin.tmp"
+            mv "$bin.tmp" "$bin"
+        fi
+        desc=$(file -b "$bin")
         size=$(stat -c %s "$bin")
         printf '%-55s %10d bytes (%s KiB)  %s\n' "$bin" "$size" "$((size / 1024))" \
             "$(cut -d, -f1-2 <<<"$desc")"
+        [[ -f $bin.debug ]] && printf '%-55s %10d bytes (debug info, not shipped)\n' \
+            "$bin.debug" "$(stat -c %s "$bin.debug")"
     done
 done

@@ -11,6 +11,7 @@ mod identity;
 mod journal;
 mod lan;
 mod metrics;
+mod migrate;
 mod pairing;
 mod status;
 mod statuspage;
@@ -96,6 +97,12 @@ enum Command {
         technician: bool,
         #[arg(long, value_name = "ID|NAME", conflicts_with = "name")]
         unpair: Option<String>,
+    },
+    /// Bring the local database to the schema this binary knows, before `serve` (run by
+    /// storebox-migrate.service); refuses data written by a newer release.
+    Migrate {
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Work with the configuration without starting the daemon.
     Config {
@@ -237,6 +244,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             pair_command(&config, confirm, name, technician, unpair)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Migrate { config } => {
+            let config = BoxConfig::load(&config)?;
+            let store = storage::BoxStore::open(&config.data_dir, config.storage.cache_mib)?;
+            let outcome = migrate::migrate(&store, &config.data_dir)?;
+            println!(
+                "{}: schema {} ({outcome:?})",
+                config.data_dir.join(storage::BoxStore::FILE_NAME).display(),
+                migrate::SCHEMA_VERSION
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Discover { timeout, udp_port } => {
             runtime.block_on(discovery::discover_command(timeout, udp_port))
         }
@@ -266,6 +284,7 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         &config.data_dir,
         config.storage.cache_mib,
     )?);
+    migrate::check(&store, &config.data_dir)?;
     // The box's identity first: every hub connection presents its current certificate.
     let identity = Arc::new(identity::Identity::open(&config.data_dir)?);
     identity::install(identity.clone());

@@ -10,7 +10,7 @@
 //! | `index`        | (module, field, value)   | record id                       |
 //! | `modules`      | module                   | [`ModuleState`] (postcard)      |
 //! | `quarantine`   | (module, id)             | why the record was kept out     |
-//! | `meta`         | name                     | u64 (`pushed_through`)          |
+//! | `meta`         | name                     | u64 (`pushed_through`, `schema_version`) |
 //!
 //! A module's records, index entries and cursor change in the same transaction, so after a
 //! power cut the cursor always describes the data beside it.
@@ -144,12 +144,15 @@ pub struct BoxStore {
 }
 
 impl BoxStore {
+    /// The database file's name inside the data directory.
+    pub const FILE_NAME: &'static str = "storebox.redb";
+
     /// Opens (or creates) the database in `dir` with a page cache of `cache_mib` MiB.
     pub fn open(dir: &Path, cache_mib: usize) -> anyhow::Result<BoxStore> {
         use anyhow::Context;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
-        let path = dir.join("storebox.redb");
+        let path = dir.join(Self::FILE_NAME);
         let db = Database::builder()
             .set_cache_size(cache_mib * 1024 * 1024)
             .create(&path)
@@ -344,6 +347,24 @@ impl BoxStore {
                 .ctx("writing the push mark")?;
         }
         txn.commit().ctx("committing a push mark")?;
+        Ok(())
+    }
+
+    /// A `meta` entry (for `migrate.rs`: the schema version).
+    pub fn meta(&self, name: &str) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let meta = txn.open_table(META).ctx("opening meta")?;
+        Ok(meta.get(name).ctx("reading meta")?.map(|v| v.value()))
+    }
+
+    /// Writes a `meta` entry in a transaction of its own.
+    pub fn set_meta(&self, name: &str, value: u64) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().ctx("starting a meta write")?;
+        txn.open_table(META)
+            .ctx("opening meta")?
+            .insert(name, value)
+            .ctx("writing meta")?;
+        txn.commit().ctx("committing meta")?;
         Ok(())
     }
 

@@ -151,8 +151,9 @@ pub fn idle<F: Future>(which: Loop, wait: F) -> impl Future<Output = F::Output> 
 
 /// Test-only fault switch: `STOREBOX_FAULT_WEDGE=delta` (or `full`, `push`) makes that
 /// scheduler block forever, without beating, from its second wait on (after its first
-/// iteration). Read once, at the first wait of any loop. Absent from release builds.
-#[cfg(debug_assertions)]
+/// iteration). Read once, at the first wait of any loop. Absent from release builds unless
+/// built with the `fault-injection` feature (the image's boot test does, on purpose).
+#[cfg(any(debug_assertions, feature = "fault-injection"))]
 mod fault {
     use super::*;
 
@@ -179,7 +180,7 @@ mod fault {
     }
 }
 
-#[cfg(not(debug_assertions))]
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
 mod fault {
     pub fn wedge_now(_: super::Loop) -> bool {
         false
