@@ -125,11 +125,13 @@ curl -fsS --max-time 10 -H "authorization: Bearer $token" \
     die "importing the test record failed"
 echo "boot-test: hub on 127.0.0.1:$hub_port, test record catalog/$sku"
 
-# The box's provisioning, as a technician would do it: store id, the hub's CA, the credential.
+# The box's provisioning, as a technician would do it: store id, the hub's CA, and the
+# one-time enrollment token `storehub init` made for the store (the box enrolls with it at
+# first start and renews its certificate by itself from then on).
 echo "$STORE" >"$work/provision/store_id"
 cp "$work/hub/ca.crt" "$work/provision/ca.crt"
-sed -n 's/^credential = "\(.*\)"$/\1/p' "$work/hub/boxes/$STORE.toml" >"$work/provision/credential"
-[[ -s $work/provision/credential ]] || die "no credential in boxes/$STORE.toml"
+sed -n 's/^enroll_token = "\(.*\)"$/\1/p' "$work/hub/boxes/$STORE.toml" >"$work/provision/enroll_token"
+[[ -s $work/provision/enroll_token ]] || die "no enroll_token in boxes/$STORE.toml"
 
 # --- the image -----------------------------------------------------------------------------
 start=$SECONDS
@@ -217,14 +219,24 @@ grep -qx 'watchdog=30s//dev/watchdog0' <<<"$facts" || die "no hardware watchdog 
 grep -qE '^journal=run:[1-9][0-9]*,var:0$' <<<"$facts" || die "the journal is not in RAM only"
 grep -qx 'swap=0' <<<"$facts" || die "swap is in use"
 
-# 2. A till's lookup through the LAN API answers with the record synced from the hub.
+# 2. A till's lookup through the LAN API answers with the record synced from the hub. The
+# till API is HTTPS with the box's own certificate (the till pins it) and wants a paired
+# till's token: paired here as a provisioning script would, on the box.
+till_token=$(run T "storebox pair --config /etc/storebox/storebox.toml --name boot-test --approve" | tail -n1)
+[[ -n $till_token ]] || die "storebox pair printed no token"
+run L "cat /var/lib/storebox/lan/lan.crt" >"$work/lan.crt"
+grep -q "BEGIN CERTIFICATE" "$work/lan.crt" || die "no LAN certificate on the box"
+lan() {
+    curl -fsS --max-time 5 --cacert "$work/lan.crt" -H "authorization: Bearer $till_token" \
+        "https://127.0.0.1:$lan_port$1"
+}
 lookup() {
-    curl -fsS --max-time 5 "http://127.0.0.1:$lan_port/v1/catalog/$sku" >"$work/lookup.json" 2>/dev/null &&
+    lan "/v1/catalog/$sku" >"$work/lookup.json" 2>/dev/null &&
         grep -q "Boot test $sku" "$work/lookup.json"
 }
 wait_for 120 "GET /v1/catalog/$sku to answer the hub's record" lookup
-echo "boot-test: till lookup via 127.0.0.1:$lan_port: $(head -c 200 "$work/lookup.json")"
-status=$(curl -fsS --max-time 5 "http://127.0.0.1:$lan_port/v1/status")
+echo "boot-test: till lookup via https://127.0.0.1:$lan_port (pinned): $(head -c 200 "$work/lookup.json")"
+status=$(lan "/v1/status")
 grep -q '"state":"up"' <<<"$status" || die "the box does not see the hub up: $status"
 
 # 3. The watchdog: run the fault-injection build with its delta loop wedged.

@@ -9,7 +9,7 @@
 #   --bin-dir DIR      storebox (and storehub) static aarch64 release binaries, as shipped
 #   --fault-bin FILE   a storebox built with --features fault-injection; installed as
 #                      /usr/lib/storebox-test/storebox-fault for the watchdog test only
-#   --provision DIR    a box's ca.crt, credential and store_id files: filled into
+#   --provision DIR    a box's ca.crt, enroll_token and store_id files: filled into
 #                      /etc/storebox/ (what a technician does on a real box)
 #   --out DIR          where disk.img goes (and the intermediate images)
 #   --cache DIR        the root filesystem tarball and the .deb files, kept between runs
@@ -179,7 +179,7 @@ fi
 binfmt
 chroot "$root" systemd-sysusers >/dev/null
 if [[ -n $provision ]]; then
-    for f in ca.crt credential store_id; do
+    for f in ca.crt enroll_token store_id; do
         [[ -f $provision/$f ]] || die "--provision: no $provision/$f"
     done
     store_id=$(<"$provision/store_id")
@@ -189,7 +189,11 @@ if [[ -n $provision ]]; then
     # The group as the image knows it, not as this machine does.
     gid=$(awk -F: '$1 == "storebox" { print $3 }' "$root/etc/group")
     [[ -n $gid ]] || die "no group storebox in the image"
-    install -m 0640 -g "$gid" "$provision/credential" "$root/etc/storebox/credential"
+    install -d -m 0755 "$root/etc/storebox/storebox.d"
+    printf '[hub]\nenroll_token = "%s"\n' "$(<"$provision/enroll_token")" \
+        >"$root/etc/storebox/storebox.d/10-enroll.toml"
+    chmod 0640 "$root/etc/storebox/storebox.d/10-enroll.toml"
+    chgrp "$gid" "$root/etc/storebox/storebox.d/10-enroll.toml"
 fi
 
 # --- the images --------------------------------------------------------------------------
