@@ -51,18 +51,7 @@ pub struct HubPki {
 
 impl HubPki {
     pub fn new(url: &str, ca_file: &std::path::Path, timeout: Duration) -> anyhow::Result<HubPki> {
-        let uri: http::Uri = url
-            .parse()
-            .with_context(|| format!("[hub] url {url:?} is not a URL"))?;
-        let host = uri
-            .host()
-            .with_context(|| format!("[hub] url {url:?} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let server_name = ServerName::try_from(host.clone())
-            .with_context(|| format!("[hub] url host {host:?} is not a valid name"))?;
+        let (host, port, server_name) = crate::sync::link::hub_address(url)?;
         let mut tls = crate::identity::hub_client_config(ca_file)?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(HubPki {

@@ -227,22 +227,7 @@ impl HubTarget {
         credential: &str,
         timeout: Duration,
     ) -> anyhow::Result<HubTarget> {
-        let uri: http::Uri = url
-            .parse()
-            .with_context(|| format!("[hub] url {url:?} is not a URL"))?;
-        anyhow::ensure!(
-            uri.scheme_str() == Some("https"),
-            "[hub] url {url:?} must use https"
-        );
-        let host = uri
-            .host()
-            .with_context(|| format!("[hub] url {url:?} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let server_name = ServerName::try_from(host.clone())
-            .with_context(|| format!("[hub] url host {host:?} is not a valid name"))?;
+        let (host, port, server_name) = hub_address(url)?;
         // The hub's CA pinned, dates by the clock rule, the box's current client certificate
         // presented (swapped in place on renewal): see identity.rs.
         let mut tls = crate::identity::hub_client_config(ca_file)?;
@@ -256,6 +241,28 @@ impl HubTarget {
             timeout,
         })
     }
+}
+
+/// Host, port and TLS server name of the `[hub] url`, which must be `https://host[:port]`.
+/// Shared by the sync link and the enrollment client, so both read the URL alike.
+pub fn hub_address(url: &str) -> anyhow::Result<(String, u16, ServerName<'static>)> {
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("[hub] url {url:?} is not a URL"))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("https"),
+        "[hub] url {url:?} must use https"
+    );
+    let host = uri
+        .host()
+        .with_context(|| format!("[hub] url {url:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let server_name = ServerName::try_from(host.clone())
+        .with_context(|| format!("[hub] url host {host:?} is not a valid name"))?;
+    Ok((host, port, server_name))
 }
 
 /// The box's connection to the hub, shared by every process.
