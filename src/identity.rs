@@ -268,6 +268,8 @@ impl Identity {
             dates,
             fingerprint,
         });
+        // Sessions resumed from now on must carry this certificate, not the one before.
+        SESSIONS.forget();
         Ok(())
     }
 
@@ -388,11 +390,80 @@ fn client_config_with_clock(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(InstalledIdentity));
-    // No resumption: a resumed session carries the client certificate of its first
-    // handshake, which may be the one renewal just replaced. A box opens a handful of
-    // connections a day; full handshakes cost it nothing that matters.
-    config.resumption = rustls::client::Resumption::disabled();
+    // Resumption saves the shop's line the certificate chains at every reconnection. A
+    // resumed session carries the client certificate of its first handshake, so the store
+    // forgets every session when the certificate changes (renewal, enrollment).
+    config.resumption = rustls::client::Resumption::store(SESSIONS.clone());
     Ok(config)
+}
+
+/// The TLS sessions the box may resume with the hub, all forgotten at once when the box's
+/// certificate changes.
+#[derive(Debug)]
+struct Sessions(RwLock<Arc<rustls::client::ClientSessionMemoryCache>>);
+
+/// Sessions kept: a box talks to one hub, a few are plenty.
+const SESSIONS_KEPT: usize = 8;
+
+static SESSIONS: std::sync::LazyLock<Arc<Sessions>> = std::sync::LazyLock::new(|| {
+    Arc::new(Sessions(RwLock::new(Arc::new(
+        rustls::client::ClientSessionMemoryCache::new(SESSIONS_KEPT),
+    ))))
+});
+
+impl Sessions {
+    fn current(&self) -> Arc<rustls::client::ClientSessionMemoryCache> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn forget(&self) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS_KEPT));
+    }
+}
+
+impl rustls::client::ClientSessionStore for Sessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.current().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.current().kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.current().set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(
+        &self,
+        server_name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.current().tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.current().remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.current().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.current().take_tls13_ticket(server_name)
+    }
 }
 
 fn clock_rule_verifier(
