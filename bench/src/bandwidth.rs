@@ -348,6 +348,8 @@ pub async fn run() -> anyhow::Result<()> {
     drop(boxp);
     let aside = hub.dir.path().join("box-data-aside");
     std::fs::rename(&data_dir, &aside)?;
+    // A cold box, but the same enrolled one: its identity (key, certificate) stays.
+    copy_dir(&aside.join("identity"), &data_dir.join("identity"))?;
     let cap_file = dropins.join("61-cap.toml");
     std::fs::write(
         &cap_file,
