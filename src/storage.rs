@@ -206,16 +206,27 @@ impl BoxStore {
 
     /// Every record of a module, in id order.
     pub fn all(&self, module: &str) -> Result<Vec<(String, String)>, StorageError> {
+        self.scan_module(RECORDS, module, |id, json| (id.to_owned(), json.to_owned()))
+    }
+
+    /// `each(id, value)` of every entry of `module` in a table keyed by (module, id), in id
+    /// order, in one read transaction.
+    fn scan_module<T>(
+        &self,
+        table: TableDefinition<(&'static str, &'static str), &'static str>,
+        module: &str,
+        mut each: impl FnMut(&str, &str) -> T,
+    ) -> Result<Vec<T>, StorageError> {
         let txn = self.db.begin_read().ctx("starting a read")?;
-        let records = txn.open_table(RECORDS).ctx("opening records")?;
+        let table = txn.open_table(table).ctx("opening a module's table")?;
         let mut out = Vec::new();
-        for entry in records.range((module, "")..).ctx("scanning records")? {
-            let (key, value) = entry.ctx("reading a record")?;
+        for entry in table.range((module, "")..).ctx("scanning a module")? {
+            let (key, value) = entry.ctx("reading a module's entry")?;
             let (m, id) = key.value();
             if m != module {
                 break;
             }
-            out.push((id.to_owned(), value.value().to_owned()));
+            out.push(each(id, value.value()));
         }
         Ok(out)
     }
@@ -235,10 +246,16 @@ impl BoxStore {
     /// The digest of every module, over the bytes stored: what a full sync compares with
     /// the hub's. A record damaged on flash changes it, and the full sync then rewrites the
     /// module from the hub's copy.
-    pub fn digests(&self) -> Result<Vec<proto::ModuleDigest>, StorageError> {
+    ///
+    /// `only` limits it to those modules (empty: every module): a later round of a full sync
+    /// hashes the modules it asks about, not the whole store again.
+    pub fn digests(&self, only: &[String]) -> Result<Vec<proto::ModuleDigest>, StorageError> {
         let modules = self.modules()?;
         let mut out = Vec::new();
         for (module, state) in modules {
+            if !only.is_empty() && !only.contains(&module) {
+                continue;
+            }
             let digest = self.module_digest(&module)?;
             out.push(proto::ModuleDigest {
                 module,
@@ -260,34 +277,16 @@ impl BoxStore {
 
     /// (id, [`proto::record_hash`]) of every record of a module, over the bytes stored.
     pub fn record_hashes(&self, module: &str) -> Result<Vec<(String, u64)>, StorageError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let records = txn.open_table(RECORDS).ctx("opening records")?;
-        let mut out = Vec::new();
-        for entry in records.range((module, "")..).ctx("scanning records")? {
-            let (key, value) = entry.ctx("reading a record")?;
-            let (m, id) = key.value();
-            if m != module {
-                break;
-            }
-            out.push((id.to_owned(), proto::record_hash(id, value.value())));
-        }
-        Ok(out)
+        self.scan_module(RECORDS, module, |id, json| {
+            (id.to_owned(), proto::record_hash(id, json))
+        })
     }
 
     /// The quarantined records of a module, with the reasons.
     pub fn quarantined(&self, module: &str) -> Result<Vec<(String, String)>, StorageError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let table = txn.open_table(QUARANTINE).ctx("opening quarantine")?;
-        let mut out = Vec::new();
-        for entry in table.range((module, "")..).ctx("scanning quarantine")? {
-            let (key, value) = entry.ctx("reading quarantine")?;
-            let (m, id) = key.value();
-            if m != module {
-                break;
-            }
-            out.push((id.to_owned(), value.value().to_owned()));
-        }
-        Ok(out)
+        self.scan_module(QUARANTINE, module, |id, reason| {
+            (id.to_owned(), reason.to_owned())
+        })
     }
 
     /// Applies deltas and snapshots of several modules in one durable transaction. Records

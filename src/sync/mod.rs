@@ -627,13 +627,11 @@ impl SyncEngine {
             let mut whole: Vec<String> = Vec::new();
             for round in 0..FULL_ROUNDS {
                 let store = self.store.clone();
-                let mut digests = tokio::task::spawn_blocking(move || store.digests())
+                let only = todo.clone();
+                let digests = tokio::task::spawn_blocking(move || store.digests(&only))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                if !todo.is_empty() {
-                    digests.retain(|d| todo.contains(&d.module));
-                }
                 let held: BTreeMap<String, u64> = digests
                     .iter()
                     .map(|d| (d.module.clone(), d.cursor))

@@ -94,25 +94,45 @@ impl SyncState {
         }
     }
 
-    /// The encoded `Records` snapshot of a module at `head`, from the cache or made now.
+    /// The encoded `Records` snapshot of a module at `hashes.head`, from the cache, or read
+    /// and encoded now. The cache is looked at before the database is read, so a box whose
+    /// snapshot is cached costs no scan.
     fn records_payload(
         &self,
         store: &str,
         module: &str,
-        head: u64,
-        records: Vec<(String, String)>,
-        digest: proto::Digest,
+        hashes: &crate::store::ModuleHashes,
     ) -> Result<Arc<Vec<u8>>, String> {
-        let key = (store.to_owned(), module.to_owned(), head);
-        if let Some((_, payload)) = self
-            .snapshots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(k, _)| *k == key)
-        {
-            return Ok(payload.clone());
+        let cached = |head: u64| {
+            let key = (store.to_owned(), module.to_owned(), head);
+            self.snapshots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, payload)| payload.clone())
+        };
+        if let Some(payload) = cached(hashes.head) {
+            return Ok(payload);
         }
+        let (records, head) = self
+            .store
+            .snapshot(store, module)
+            .map_err(|e| e.to_string())?;
+        // A write landed since the digest was taken: the snapshot is of a newer head.
+        let digest = if head == hashes.head {
+            hashes.digest
+        } else {
+            if let Some(payload) = cached(head) {
+                return Ok(payload);
+            }
+            let mut d = proto::Digest::default();
+            for (id, json) in &records {
+                d.add(id, json);
+            }
+            d
+        };
+        let key = (store.to_owned(), module.to_owned(), head);
         let table = proto::RecordTable::from_records(&records).map_err(|e| e.to_string())?;
         let snapshot = proto::ModuleSnapshot::Records {
             table,
@@ -378,21 +398,8 @@ fn full_module(
     };
     let Some(held) = held else {
         // A box that holds nothing of the module gets every record.
-        let (records, head) = state
-            .store
-            .snapshot(store, module)
-            .map_err(|e| e.to_string())?;
-        let digest = if head == hashes.head {
-            hashes.digest
-        } else {
-            let mut d = proto::Digest::default();
-            for (id, json) in &records {
-                d.add(id, json);
-            }
-            d
-        };
         return state
-            .records_payload(store, module, head, records, digest)
+            .records_payload(store, module, &hashes)
             .map(|p| p.as_ref().clone());
     };
     if held.cursor == hashes.head && held.digest == hashes.digest {
