@@ -15,6 +15,7 @@
 
 use std::io::Read;
 
+pub mod ota;
 pub mod patch;
 pub mod table;
 
