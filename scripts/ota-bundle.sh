@@ -56,8 +56,9 @@ for tool in rauc mksquashfs debugfs; do
 done
 
 # The same rule as the box and the hub (crates/protocol/src/ota.rs, is_valid_version).
-((${#version} <= 64)) && [[ $version =~ ^[A-Za-z0-9.+_-]+$ ]] ||
+if ((${#version} > 64)) || [[ ! $version =~ ^[A-Za-z0-9.+_-]+$ ]]; then
     die "version '$version': 1 to 64 of A-Z a-z 0-9 . - + _"
+fi
 [[ $compatible =~ ^[A-Za-z0-9.+_-]+$ ]] || die "compatible '$compatible': A-Z a-z 0-9 . - + _ only"
 [[ -f $rootfs ]] || die "no $rootfs"
 [[ $(od -An -tx2 -j1080 -N2 "$rootfs" | tr -d ' ') == ef53 ]] || die "$rootfs is not an ext4 image"
