@@ -19,15 +19,17 @@
 #                       result against; without it, the signature is checked against --cert
 #                       itself only
 #   --out FILE          the bundle to write (replaced if it exists)
-#   --mksquashfs-args A extra mksquashfs arguments for the bundle's payload (RAUC's default is
-#                       gzip; "-comp xz" makes it about a quarter smaller, the box's kernel
-#                       needs CONFIG_SQUASHFS_XZ then)
+#   --mksquashfs-args A how the bundle's payload is compressed (default "-comp zstd
+#                       -Xcompression-level 9": for a 242 MiB root filesystem 77 MB in 6 s of
+#                       CPU, where RAUC's default, gzip, makes 80 MB in 46 s; "-comp xz" makes
+#                       64 MB in 67 s). The box's kernel needs the matching CONFIG_SQUASHFS_*.
 #
 # Needs rauc (1.8 or later), mksquashfs (squashfs-tools) and debugfs (e2fsprogs). The
 # development keys in board/common/ota-dev/ are for CI and tests only: never ship them.
 set -euo pipefail
 
-rootfs="" version="" compatible="" cert="" key="" keyring="" out="" squashfs_args=""
+rootfs="" version="" compatible="" cert="" key="" keyring="" out=""
+squashfs_args="-comp zstd -Xcompression-level 9"
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 die() { echo "ota-bundle: $*" >&2; exit 1; }
