@@ -15,6 +15,8 @@
 #                     back to v3, the box reports RolledBack
 #                  e. the sales posted before each update are at the hub exactly once
 # shellcheck shell=bash
+# Variables shared with the sourcing script (work, bin_dir, lan_port...) are set there.
+# shellcheck disable=SC2034,SC2154
 
 OTA_COMPATIBLE=storebox-qemu-aarch64-virt
 OTA_KEYS=${OTA_KEYS:-$REPO/board/common/ota-dev}

@@ -3,6 +3,8 @@
 #   TEST      the name errors are prefixed with
 # and set QEMU_PID, HUB_PID, CONSOLE_PID, HTTP_PID, which test_cleanup stops.
 # shellcheck shell=bash
+# Variables shared with the sourcing script (work, bin_dir, lan_port...) are set there.
+# shellcheck disable=SC2034,SC2154
 
 UBOOT=${STOREBOX_UBOOT:-/usr/lib/u-boot/qemu_arm64/u-boot.bin}
 QEMU_USER=${QEMU_USER:-qemu-aarch64-static}
