@@ -54,8 +54,7 @@ for tool in qemu-system-aarch64 "$QEMU_USER" socat curl python3 ${ota:+rauc mksq
 done
 [[ -f $UBOOT ]] || die "no U-Boot at $UBOOT (apt-get install u-boot-qemu)"
 
-ota_stop_prepare() { [[ -z $OTA_PREPARE_PID ]] || stop "$OTA_PREPARE_PID"; }
-trap 'ota_stop_prepare; test_cleanup "$keep"' EXIT
+trap 'test_cleanup $? "$keep"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 

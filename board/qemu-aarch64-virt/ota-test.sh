@@ -26,7 +26,6 @@ OTA_INSTALL_TIMEOUT=${OTA_INSTALL_TIMEOUT:-900}
 OTA_HEALTH_TIMEOUT=${OTA_HEALTH_TIMEOUT:-300}
 # health_timeout in test-overlay/etc/storebox/storebox.d/50-ota-test.toml, plus a boot.
 OTA_TRIAL_BOOT_TIMEOUT=$((BOOT_TIMEOUT + 120 + 120))
-OTA_PREPARE_PID=""
 
 ota_log() { echo "$TEST: ota: $*"; }
 
@@ -83,11 +82,11 @@ ota_prepare() {
         start=$SECONDS
         ota_build && echo "ota-prepare: done in $((SECONDS - start)) s"
     ) >"$work/ota/prepare.log" 2>&1 &
-    OTA_PREPARE_PID=$!
+    BG_PID=$!
 }
 ota_wait_prepared() {
-    wait "$OTA_PREPARE_PID" || { tail -n 40 "$work/ota/prepare.log" >&2; die "preparing the bundles failed"; }
-    OTA_PREPARE_PID=""
+    wait "$BG_PID" || { tail -n 40 "$work/ota/prepare.log" >&2; die "preparing the bundles failed"; }
+    BG_PID=""
     grep "ota-bundle:\|ota-prepare:" "$work/ota/prepare.log" | sed "s|$work/||; s/^/$TEST: /"
 }
 

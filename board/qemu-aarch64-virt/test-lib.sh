@@ -1,7 +1,7 @@
 # Helpers of the image tests (boot-test.sh, ota-test.sh), sourced, not run. They need:
 #   work      a scratch directory (disk.img, the console FIFOs and logs go there)
 #   TEST      the name errors are prefixed with
-# and set QEMU_PID, HUB_PID, CONSOLE_PID, HTTP_PID, which test_cleanup stops.
+# and set QEMU_PID, HUB_PID, CONSOLE_PID, HTTP_PID, BG_PID, which test_cleanup stops.
 # shellcheck shell=bash
 # Variables shared with the sourcing script (work, bin_dir, lan_port...) are set there.
 # shellcheck disable=SC2034,SC2154
@@ -9,7 +9,7 @@
 UBOOT=${STOREBOX_UBOOT:-/usr/lib/u-boot/qemu_arm64/u-boot.bin}
 QEMU_USER=${QEMU_USER:-qemu-aarch64-static}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-240}
-QEMU_PID="" HUB_PID="" CONSOLE_PID="" HTTP_PID=""
+QEMU_PID="" HUB_PID="" CONSOLE_PID="" HTTP_PID="" BG_PID=""
 
 die() { echo "$TEST: $*" >&2; exit 1; }
 say() { echo "$TEST: $*"; }
@@ -23,12 +23,12 @@ stop() {  # stop PID: TERM, 10 s, KILL
     wait "$pid" 2>/dev/null || true
 }
 
-# test_cleanup KEEP_DIR: stops everything, prints the console's and the hub's tails after a
-# failure, keeps the logs (and disk.img) in KEEP_DIR when given, removes $work. For the
-# EXIT trap: `trap 'test_cleanup "$keep"' EXIT`.
+# test_cleanup RC KEEP_DIR: stops everything, prints the console's and the hub's tails when
+# RC (the script's exit code) is not 0, keeps the logs (and disk.img) in KEEP_DIR when given,
+# removes $work, exits with RC. For the EXIT trap: `trap 'test_cleanup $? "$keep"' EXIT`.
 test_cleanup() {
-    local rc=$? keep=$1
-    stop "$QEMU_PID"; stop "$CONSOLE_PID"; stop "$HUB_PID"; stop "$HTTP_PID"
+    local rc=$1 keep=$2
+    stop "$BG_PID"; stop "$QEMU_PID"; stop "$CONSOLE_PID"; stop "$HUB_PID"; stop "$HTTP_PID"
     if ((rc != 0)); then
         echo "--- serial console (last 60 lines)" >&2
         tail -n 60 "$work/console.log" 2>/dev/null | sed -e 's/\r//g' >&2 || true
