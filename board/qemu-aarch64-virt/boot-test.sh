@@ -172,4 +172,4 @@ wait_for 60 "storebox.service active again" check_active
 if [[ -n $ota ]]; then
     ota_scenarios
 fi
-say "all checks passed"
+say "all checks passed in $SECONDS s"
