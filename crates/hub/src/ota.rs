@@ -51,6 +51,12 @@ const MAX_TARGET_BODY: usize = 4 * 1024;
 const BUNDLE_SUFFIX: &str = ".raucb";
 const PART_SUFFIX: &str = ".part";
 
+/// Whether the hub takes `version` as a bundle's version: the protocol's rule, and not `.` or
+/// `..`, which URL clients resolve as path steps, so such a bundle could not be downloaded.
+pub fn is_valid_version(version: &str) -> bool {
+    ota::is_valid_version(version) && version != "." && version != ".."
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -266,7 +272,8 @@ fn invalid_version(version: &str) -> Response<Body> {
         StatusCode::BAD_REQUEST,
         "invalid_version",
         format!(
-            "{version:?} is not a version: use 1 to {} of letters, digits, '.', '-', '+' and '_'",
+            "{version:?} is not a version: use 1 to {} of letters, digits, '.', '-', '+' and '_' \
+             (not \".\" or \"..\")",
             ota::MAX_VERSION_BYTES
         ),
     )
@@ -295,7 +302,7 @@ pub async fn put_bundle(
     version: String,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if !ota::is_valid_version(&version) {
+    if !is_valid_version(&version) {
         return invalid_version(&version);
     }
     let limit = match config.max_bundle_size() {
@@ -396,7 +403,7 @@ pub fn list_bundles(hub: &HubStore) -> Response<Body> {
 
 /// `DELETE /admin/v1/ota/bundles/{version}`.
 pub fn delete_bundle(hub: &HubStore, config: &HubConfig, version: &str) -> Response<Body> {
-    if !ota::is_valid_version(version) {
+    if !is_valid_version(version) {
         return invalid_version(version);
     }
     match hub.ota_delete_bundle(version) {
@@ -428,7 +435,7 @@ fn target_version(body: &[u8]) -> Result<Option<String>, Response<Body>> {
     }
     match object.get("version") {
         Some(Value::Null) => Ok(None),
-        Some(Value::String(v)) if ota::is_valid_version(v) => Ok(Some(v.clone())),
+        Some(Value::String(v)) if is_valid_version(v) => Ok(Some(v.clone())),
         Some(Value::String(v)) => Err(invalid_version(v)),
         Some(_) => Err(bad("\"version\" must be a string or null")),
         None => Err(bad(
@@ -856,7 +863,7 @@ pub async fn serve_bundle(
             format!("bundle {version:?} is not this store's firmware target"),
         ))
     };
-    if !ota::is_valid_version(version) {
+    if !is_valid_version(version) {
         return not_offered();
     }
     let target = {
