@@ -521,6 +521,23 @@ async fn boxes_are_offered_their_target_download_it_whole_or_resumed_and_report(
         assert!(whole == v11, "h2 {h2}: the resumed download differs");
     }
 
+    // A resumption naming another bundle (the target changed meanwhile) gets the whole new
+    // one; naming this one, its range.
+    let path = format!("{}/1.1.0", storebox_protocol::ota::PATH_OTA_BUNDLE);
+    let etag = format!("\"{}\"", storehub::sha256_hex(&v11));
+    for (validator, expected) in [
+        ("\"0000\"", StatusCode::OK),
+        (etag.as_str(), StatusCode::PARTIAL_CONTENT),
+    ] {
+        let headers = [("range", "bytes=10-"), ("if-range", validator)];
+        let (status, _, body) = hub
+            .sync(Some(&a), false, Method::GET, &path, &headers, Vec::new())
+            .await;
+        assert_eq!(status, expected, "if-range {validator}");
+        let offset = if expected == StatusCode::OK { 0 } else { 10 };
+        assert!(body == v11[offset..], "if-range {validator}");
+    }
+
     // Past the end: 416, with the size.
     let (status, headers, body) = hub
         .download(&a, false, "1.1.0", Some(&format!("bytes={}-", v11.len())))
