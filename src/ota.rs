@@ -1060,7 +1060,8 @@ impl OtaTask {
         if let Err(e) = self.settle_after_boot() {
             tracing::warn!("update state: {e:#}");
         }
-        let mut next_check = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut next_check =
+            tokio::time::Instant::now() + self.settings.check_interval.min(Duration::from_secs(20));
         loop {
             self.report_events().await;
             if self.settings.enabled

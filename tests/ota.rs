@@ -374,3 +374,105 @@ async fn before_a_reboot_sales_are_committed_pushed_and_new_ones_turned_away() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{doc}");
     assert_eq!(doc["error"], "restarting", "{doc}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_update_is_downloaded_resumed_after_a_cut_checked_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let trusted = signer(dir, "retailer");
+    std::fs::write(
+        dir.join("system.conf"),
+        format!(
+            "[system]\ncompatible={COMPATIBLE}\nbootloader=noop\n\n[keyring]\npath={}\ncheck-purpose=codesign\n\n[slot.rootfs.0]\ndevice=/dev/null\ntype=raw\nbootname=A\n",
+            trusted.ca.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("image-version"), format!("{RUNNING}\n")).unwrap();
+    let good = bundle(dir, "good", &trusted, COMPATIBLE, "1.5.0");
+    let bytes = std::fs::read(&good).unwrap();
+    let total = bytes.len() as u64;
+    let hub = Hub::start(&["shop-hubota"]).await;
+    let (status, doc) = hub
+        .admin(Method::PUT, "/admin/v1/ota/bundles/1.5.0", bytes.clone())
+        .await;
+    assert!(status.is_success(), "{doc}");
+    let (status, doc) = hub
+        .admin(
+            Method::PUT,
+            "/admin/v1/stores/shop-hubota/ota",
+            json!({"version": "1.5.0"}).to_string(),
+        )
+        .await;
+    assert!(status.is_success(), "{doc}");
+    // Paced to about 4 s for the whole bundle, so the box can be stopped in the middle.
+    let dropin = format!(
+        "[ota]\ncheck_interval = \"1s\"\nwindow = \"always\"\ndownload_cap = \"1Mbit/s\"\n\
+         version_file = \"{}\"\nrauc_conf = \"{}\"\n",
+        dir.join("image-version").display(),
+        dir.join("system.conf").display()
+    );
+    let mut sb = StoreBox::start(&hub, "shop-hubota", &dropin).await;
+    let data_dir = box_data_dir(&sb.config);
+    let partial = data_dir.join("ota/incoming.raucb");
+    wait_for("the download to start", Duration::from_secs(60), || async {
+        let n = std::fs::metadata(&partial).map_or(0, |m| m.len());
+        (n > 0 && n < total).then_some(())
+    })
+    .await;
+    // The line is cut (the box stops) in the middle of the download.
+    sb.proc.take().unwrap().kill();
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept > 0 && kept < total, "{kept} of {total}");
+    sb.restart().await;
+    wait_for("the install request", Duration::from_secs(60), || async {
+        data_dir.join("ota/apply.request").is_file().then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(&partial).unwrap(),
+        bytes,
+        "the bundle differs"
+    );
+    // After the restart the box fetched only the rest.
+    let doc = sb.status().await;
+    let fetched = doc["bytes"]["ota"]["received"].as_u64().unwrap();
+    assert!(
+        fetched <= total - kept + 16 * 1024,
+        "fetched {fetched} after keeping {kept} of {total}"
+    );
+    // The hub sees the download; the install, refused on this slotless host, is reported
+    // with its reason and the version is not taken again.
+    wait_for("the Downloaded report", Duration::from_secs(30), || async {
+        let (_, v) = hub
+            .admin(Method::GET, "/admin/v1/stores/shop-hubota/ota", "")
+            .await;
+        (v["last_report"]["event"] == "downloaded").then_some(())
+    })
+    .await;
+    let (ok, out) = sb.cli(&["ota", "apply", "--no-reboot"]);
+    assert!(!ok && out.contains("booted slot is unknown"), "{out}");
+    let report = wait_for("the Failed report", Duration::from_secs(30), || async {
+        let (_, v) = hub
+            .admin(Method::GET, "/admin/v1/stores/shop-hubota/ota", "")
+            .await;
+        (v["last_report"]["event"] == "failed").then_some(v)
+    })
+    .await;
+    assert!(
+        report["last_report"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("booted slot is unknown"),
+        "{report}"
+    );
+    assert_eq!(report["running"], RUNNING, "{report}");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let doc = sb.get("/v1/ota").await.1;
+    assert_eq!(doc["phase"], "idle", "{doc}");
+    assert_eq!(doc["refused"], json!(["1.5.0"]), "{doc}");
+    assert!(
+        !partial.exists(),
+        "the refused version was downloaded again"
+    );
+}
