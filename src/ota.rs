@@ -786,8 +786,9 @@ fn install(
         .other_slot()
         .context("the booted slot is unknown (no rauc.slot= on the kernel command line)")?;
     tracing::info!("installing {} into slot {slot}", info.version);
+    // No --conf: `rauc install` hands the bundle to RAUC's service, which runs with the
+    // system's own config; the checks above read the same file.
     let out = std::process::Command::new(&settings.rauc)
-        .arg(format!("--conf={}", settings.rauc_conf.display()))
         .arg("install")
         .arg(&bundle)
         .output()
