@@ -779,6 +779,11 @@ mod tests {
                         "table_bytes": {"records": 10}},
             "last_full_sync": {"ok": false, "error": evil, "duration_ms": 10,
                                "bytes_received": 5},
+            "ota": {"running": evil, "slot": "A", "compatible": "board", "phase": "idle",
+                    "target": {"version": evil},
+                    "last": {"event": "rolled_back", "version": evil, "reason": evil,
+                             "at": "2026-03-02T03:10:00Z"},
+                    "health": {"healthy": false, "problems": [evil]}},
         });
         let extras = PageExtras {
             now: at(2, 12),
@@ -801,6 +806,12 @@ mod tests {
         assert!(html.contains("id=\"module-cat&lt;b&gt;\""));
         assert!(html.contains("class=\"badge unknown\""));
         assert!(html.contains("<span id=\"pending\">2</span>"));
+        // A rollback shows with its reason, marked as an error.
+        assert!(
+            html.contains("<dd id=\"ota-last\" class=\"err\">rolled back"),
+            "{html}"
+        );
+        assert!(html.contains("href=\"/update\""));
         assert!(html.contains("1.0 MB free of 4.0 MB (25 %)"));
         assert!(html.contains("no TLS yet"));
         assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<link"));
