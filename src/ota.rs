@@ -785,6 +785,7 @@ fn install(
     let slot = image
         .other_slot()
         .context("the booted slot is unknown (no rauc.slot= on the kernel command line)")?;
+    verify_payload(settings, &bundle)?;
     tracing::info!("installing {} into slot {slot}", info.version);
     // No --conf: `rauc install` hands the bundle to RAUC's service, which runs with the
     // system's own config; the checks above read the same file.
@@ -800,6 +801,77 @@ fn install(
         );
     }
     Ok((info, slot.to_owned()))
+}
+
+/// Where `verify_payload` mounts a bundle (RAUC adds `/bundle`).
+const VERIFY_MOUNT: &str = "/run/storebox-ota";
+
+/// Reads the whole payload once through RAUC's dm-verity mount before installing. `rauc
+/// install` checks the payload only while it writes it: a bundle changed after signing fails
+/// in the middle, after RAUC has already taken the other slot out of the boot order. Read
+/// first, a tampered bundle is refused with nothing changed.
+fn verify_payload(settings: &OtaSettings, bundle: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mounted = Path::new(VERIFY_MOUNT).join("bundle");
+    std::fs::create_dir_all(&mounted)
+        .with_context(|| format!("creating {}", mounted.display()))?;
+    let out = std::process::Command::new(&settings.rauc)
+        .arg(format!("--conf={}", settings.rauc_conf.display()))
+        .arg(format!("--mount={VERIFY_MOUNT}"))
+        .arg("mount")
+        .arg(bundle)
+        .output()
+        .with_context(|| format!("running {} mount", settings.rauc.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the bundle's payload cannot be opened: {}",
+            rauc_error(&String::from_utf8_lossy(&out.stderr))
+        );
+    }
+    let read = read_tree(&mounted);
+    let unmounted = std::process::Command::new("umount")
+        .arg(&mounted)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !unmounted {
+        tracing::warn!("could not unmount {}", mounted.display());
+    }
+    let bytes = read.map_err(|e| {
+        anyhow::anyhow!(
+            "the bundle's payload does not match its signature (dm-verity: {e}); the bundle \
+             was changed after it was signed"
+        )
+    })?;
+    tracing::info!(
+        "payload verified: {} MiB in {:.1} s",
+        bytes >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Reads every file under `dir`, returning the bytes read.
+fn read_tree(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            total += read_tree(&entry.path())?;
+        } else if kind.is_file() {
+            let mut file = std::fs::File::open(entry.path())?;
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Asks the daemon for a safe moment (no sale in flight, activity committed and pushed if the
