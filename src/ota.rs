@@ -813,8 +813,7 @@ const VERIFY_MOUNT: &str = "/run/storebox-ota";
 fn verify_payload(settings: &OtaSettings, bundle: &Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mounted = Path::new(VERIFY_MOUNT).join("bundle");
-    std::fs::create_dir_all(&mounted)
-        .with_context(|| format!("creating {}", mounted.display()))?;
+    std::fs::create_dir_all(&mounted).with_context(|| format!("creating {}", mounted.display()))?;
     let out = std::process::Command::new(&settings.rauc)
         .arg(format!("--conf={}", settings.rauc_conf.display()))
         .arg(format!("--mount={VERIFY_MOUNT}"))
@@ -1004,7 +1003,13 @@ fn wait_healthy(config: &crate::config::BoxConfig, timeout: Duration) -> Result<
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| "the daemon says it is not healthy".into());
             }
-            Err(e) => last = format!("{e:#}"),
+            Err(e) => {
+                last = format!("{e:#}");
+                // A daemon that keeps exiting will not get healthy by waiting longer.
+                if let Some(reason) = crash_loop() {
+                    return Err(reason);
+                }
+            }
         }
         if std::time::Instant::now() >= deadline {
             return Err(format!(
@@ -1014,6 +1019,54 @@ fn wait_healthy(config: &crate::config::BoxConfig, timeout: Duration) -> Result<
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// How many times systemd restarted the daemon this boot before it counts as failing.
+const CRASH_LOOP_RESTARTS: u64 = 3;
+
+/// Under systemd: the reason, when `storebox.service` has been restarted
+/// [`CRASH_LOOP_RESTARTS`] times since boot, with the daemon's last log line.
+fn crash_loop() -> Option<String> {
+    std::env::var_os("INVOCATION_ID")?;
+    let show = |property: &str| {
+        std::process::Command::new("systemctl")
+            .args(["show", "-P", property, "storebox.service"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let restarts: u64 = show("NRestarts")?.parse().ok()?;
+    if restarts < CRASH_LOOP_RESTARTS {
+        return None;
+    }
+    let result = show("Result").unwrap_or_default();
+    let last_line = std::process::Command::new("journalctl")
+        .args([
+            "-b",
+            "-u",
+            "storebox.service",
+            "-n",
+            "1",
+            "-o",
+            "cat",
+            "--no-pager",
+        ])
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .chars()
+                .take(300)
+                .collect::<String>()
+        })
+        .filter(|l| !l.is_empty());
+    Some(format!(
+        "storebox.service was restarted {restarts} times since boot (result: {result}){}",
+        last_line
+            .map(|l| format!("; its last line: {l}"))
+            .unwrap_or_default()
+    ))
 }
 
 /// The daemon's health verdict for a new slot: storage open and the till API answering (the
