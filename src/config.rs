@@ -30,6 +30,120 @@ pub struct BoxConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub ota: OtaConfig,
+}
+
+/// Firmware updates (`docs/OTA.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaConfig {
+    /// Whether the box asks the hub for updates; a technician's LAN install works either way.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// When an update from the hub may be installed and the box rebooted, local time:
+    /// "HH:MM-HH:MM" (may span midnight) or "always". A technician's install does not wait.
+    #[serde(default = "default_ota_window")]
+    pub window: String,
+    /// How often the box asks the hub for a target version.
+    #[serde(default = "default_ota_check_interval")]
+    pub check_interval: String,
+    /// How long a new slot has to become healthy before it is given up (and rebooted).
+    #[serde(default = "default_ota_health_timeout")]
+    pub health_timeout: String,
+    /// A new slot that cannot reach the hub counts as healthy after this long, so an update
+    /// installed during an Internet outage is not rolled back for it.
+    #[serde(default = "default_ota_offline_grace")]
+    pub offline_grace: String,
+    /// Cap of a bundle download from the hub when `[hub] download_cap` is off, so a bundle
+    /// never takes the whole line from the payment terminals; "off" for none.
+    #[serde(default = "default_ota_download_cap")]
+    pub download_cap: String,
+    /// The image's version file.
+    #[serde(default = "default_ota_version_file")]
+    pub version_file: PathBuf,
+    /// RAUC's system config: the board's `compatible` and the signing keyring.
+    #[serde(default = "default_ota_rauc_conf")]
+    pub rauc_conf: PathBuf,
+    /// The `rauc` command.
+    #[serde(default = "default_ota_rauc")]
+    pub rauc: PathBuf,
+    /// The command that marks the booted slot good in the boot state.
+    #[serde(default = "default_ota_mark_good")]
+    pub mark_good_command: PathBuf,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            enabled: true,
+            window: default_ota_window(),
+            check_interval: default_ota_check_interval(),
+            health_timeout: default_ota_health_timeout(),
+            offline_grace: default_ota_offline_grace(),
+            download_cap: default_ota_download_cap(),
+            version_file: default_ota_version_file(),
+            rauc_conf: default_ota_rauc_conf(),
+            rauc: default_ota_rauc(),
+            mark_good_command: default_ota_mark_good(),
+        }
+    }
+}
+
+impl OtaConfig {
+    /// The section, checked.
+    pub fn settings(&self) -> anyhow::Result<crate::ota::OtaSettings> {
+        let o = self;
+        let duration = |key: &str, text: &str| {
+            storebox_protocol::parse_duration(text).map_err(|e| anyhow::anyhow!("[ota] {key}: {e}"))
+        };
+        let check_interval = duration("check_interval", &o.check_interval)?;
+        if check_interval < Duration::from_secs(1) {
+            bail!("[ota] check_interval must be at least 1s");
+        }
+        Ok(crate::ota::OtaSettings {
+            enabled: o.enabled,
+            window: crate::ota::Window::parse(&o.window)
+                .map_err(|e| anyhow::anyhow!("[ota] window: {e}"))?,
+            check_interval,
+            health_timeout: duration("health_timeout", &o.health_timeout)?,
+            offline_grace: duration("offline_grace", &o.offline_grace)?,
+            download_rate: parse_rate(&o.download_cap)
+                .map_err(|e| anyhow::anyhow!("[ota] download_cap: {e}"))?,
+            version_file: o.version_file.clone(),
+            rauc_conf: o.rauc_conf.clone(),
+            rauc: o.rauc.clone(),
+            mark_good_command: o.mark_good_command.clone(),
+        })
+    }
+}
+
+fn default_ota_window() -> String {
+    "01:00-05:00".into()
+}
+fn default_ota_check_interval() -> String {
+    "1h".into()
+}
+fn default_ota_health_timeout() -> String {
+    "5m".into()
+}
+fn default_ota_offline_grace() -> String {
+    "10m".into()
+}
+fn default_ota_download_cap() -> String {
+    "2Mbit/s".into()
+}
+fn default_ota_version_file() -> PathBuf {
+    "/usr/lib/storebox/image-version".into()
+}
+fn default_ota_rauc_conf() -> PathBuf {
+    "/etc/rauc/system.conf".into()
+}
+fn default_ota_rauc() -> PathBuf {
+    "rauc".into()
+}
+fn default_ota_mark_good() -> PathBuf {
+    "/usr/libexec/storebox/mark-good".into()
 }
 
 /// Logging.
@@ -327,7 +441,13 @@ impl BoxConfig {
             bail!("[sync] push_batch must be at least 1");
         }
         self.discovery.check()?;
+        self.ota_settings()?;
         Ok(())
+    }
+
+    /// The `[ota]` section, checked.
+    pub fn ota_settings(&self) -> anyhow::Result<crate::ota::OtaSettings> {
+        self.ota.settings()
     }
 
     /// The configured full sync times, sorted.

@@ -33,6 +33,16 @@ pub struct LanState {
     pub pairing: Arc<crate::pairing::Pairing>,
     /// SHA-256 of the LAN TLS certificate, when the API is served over TLS.
     pub fingerprint: Option<String>,
+    /// Firmware updates.
+    pub ota: Arc<crate::ota::OtaTask>,
+    /// When the daemon started, wall clock, for the health check (hub contact since then).
+    pub started_ms: i64,
+    /// Activity posts being handled, and when the last one arrived: the safe moment for a
+    /// reboot is when no sale is in flight.
+    pub activity_in_flight: std::sync::atomic::AtomicU64,
+    pub last_activity_ms: std::sync::atomic::AtomicI64,
+    /// Until when activity posts are turned away because the box is about to reboot.
+    pub closing_until_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Largest body of a pairing or till-management call.
@@ -51,9 +61,9 @@ enum Access {
 
 fn access(method: &Method, segs: &[&str]) -> Access {
     match (method, segs) {
-        (&Method::GET, [""] | ["metrics"] | ["v1", "status"]) => Access::Open,
+        (&Method::GET, [""] | ["update"] | ["metrics"] | ["v1", "status"]) => Access::Open,
         (&Method::POST, ["v1", "pair"]) | (&Method::GET, ["v1", "pair", _]) => Access::Open,
-        (_, ["v1", "sync", ..] | ["v1", "tills", ..]) => Access::Technician,
+        (_, ["v1", "sync", ..] | ["v1", "tills", ..] | ["v1", "ota", ..]) => Access::Technician,
         _ => Access::Till,
     }
 }
@@ -109,6 +119,7 @@ async fn route(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
     }
     match (&method, segs.as_slice()) {
         (&Method::GET, [""]) => crate::statuspage::page(&state),
+        (&Method::GET, ["update"]) => crate::statuspage::update_page(),
         (&Method::POST, ["v1", "pair"]) => pair_request(&state, req.into_body()).await,
         (&Method::GET, ["v1", "pair", request]) => pair_poll(&state, request),
         (&Method::GET, ["v1", "tills"]) => tills(&state),
@@ -117,6 +128,11 @@ async fn route(state: Arc<LanState>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, ["metrics"]) => crate::metrics::page(&state),
         (&Method::GET, ["v1", "status"]) => h::json(StatusCode::OK, &status(&state)),
         (&Method::POST, ["v1", "activity"]) => post_activity(&state, req.into_body()).await,
+        (&Method::GET, ["v1", "ota"]) => h::json(StatusCode::OK, &ota_doc(&state)),
+        (&Method::PUT, ["v1", "ota", "bundle"]) => ota_upload(&state, req).await,
+        (&Method::DELETE, ["v1", "ota", "bundle"]) => ota_discard(&state),
+        (&Method::POST, ["v1", "ota", "install"]) => ota_install(&state, req.into_body()).await,
+        (&Method::POST, ["v1", "ota", "quiesce"]) => ota_quiesce(&state).await,
         (&Method::POST, ["v1", "sync", "full"]) => {
             let report = state.sync.full_now().await;
             h::json(StatusCode::OK, &report)
@@ -370,6 +386,27 @@ fn promotions(state: &LanState, query: Option<&str>) -> Response<Body> {
 }
 
 async fn post_activity(state: &LanState, body: Incoming) -> Response<Body> {
+    let now = chrono::Utc::now().timestamp_millis();
+    if now < state.closing_until_ms.load(Ordering::SeqCst) {
+        let mut r = h::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "restarting",
+            "the box is restarting for a software update: keep the event and post it again in a minute",
+        );
+        r.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("60"),
+        );
+        return r;
+    }
+    state.last_activity_ms.store(now, Ordering::SeqCst);
+    state.activity_in_flight.fetch_add(1, Ordering::SeqCst);
+    let response = store_activity(state, body).await;
+    state.activity_in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+async fn store_activity(state: &LanState, body: Incoming) -> Response<Body> {
     let body = match h::read_body(body, state.max_activity_bytes).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -492,6 +529,7 @@ pub fn status(state: &LanState) -> Value {
         "store_id": state.store_id,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
+        "ota": ota_doc(state),
         "modules": modules,
         "activity": {
             "pending": pending.pending,
@@ -565,4 +603,178 @@ pub fn process_write_bytes() -> Option<u64> {
     io.lines()
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+// --- firmware updates ------------------------------------------------------------------
+
+/// The `ota` block: the update state and the health verdict for a new slot.
+pub fn ota_doc(state: &LanState) -> Value {
+    let health = crate::ota::health(
+        state.started,
+        state.started_ms,
+        state.sync.live.link().last_ok_ms,
+        state.ota.settings.offline_grace,
+    );
+    crate::ota::status_doc(
+        &state.ota.paths,
+        &state.ota.image,
+        &health,
+        state.ota.target().as_ref(),
+    )
+}
+
+/// `PUT /v1/ota/bundle` (technician): one chunk of a bundle, at most 16 MiB, placed by
+/// `Content-Range: bytes START-END/TOTAL` (without it, the body is the whole bundle). A cut
+/// upload resumes at the `received` of `GET /v1/ota`; a name for the status page may come in
+/// `X-Bundle-Name`.
+async fn ota_upload(state: &LanState, req: Request<Incoming>) -> Response<Body> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let range = header("content-range");
+    let name = header("x-bundle-name").unwrap_or_else(|| "uploaded bundle".into());
+    let placed = match range.as_deref() {
+        Some(r) => parse_content_range(r),
+        None => None,
+    };
+    let body = match h::read_body(req.into_body(), crate::ota::MAX_UPLOAD_CHUNK).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let (offset, total) = match (range, placed) {
+        (None, _) => (0, body.len() as u64),
+        (Some(_), Some((start, end, total))) if end + 1 - start == body.len() as u64 => {
+            (start, total)
+        }
+        (Some(r), _) => {
+            return h::error(
+                StatusCode::BAD_REQUEST,
+                "bad_range",
+                format!("Content-Range {r:?} must be \"bytes START-END/TOTAL\" and match the body"),
+            )
+        }
+    };
+    let paths = state.ota.paths.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        crate::ota::receive_chunk(&paths, &name, offset, total, &body)
+    })
+    .await;
+    use crate::ota::UploadError as E;
+    match outcome {
+        Ok(Ok(received)) => h::json(
+            StatusCode::OK,
+            &json!({"received": received, "total": total}),
+        ),
+        Ok(Err(e @ E::Offset { received })) => h::json(
+            StatusCode::CONFLICT,
+            &json!({"error": "offset", "message": e.to_string(), "received": received}),
+        ),
+        Ok(Err(e @ E::Space(_))) => h::error(StatusCode::INSUFFICIENT_STORAGE, "no_space", e),
+        Ok(Err(e @ (E::Busy(_) | E::TooLong { .. }))) => {
+            h::error(StatusCode::CONFLICT, "refused", e)
+        }
+        Ok(Err(e @ E::Io(_))) => storage_error(e.to_string()),
+        Err(e) => storage_error(e.to_string()),
+    }
+}
+
+/// `bytes START-END/TOTAL`.
+fn parse_content_range(text: &str) -> Option<(u64, u64, u64)> {
+    let rest = text.trim().strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (start, end) = span.split_once('-')?;
+    let (start, end, total): (u64, u64, u64) = (
+        start.trim().parse().ok()?,
+        end.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+/// `DELETE /v1/ota/bundle` (technician): forgets a received bundle.
+fn ota_discard(state: &LanState) -> Response<Body> {
+    let paths = &state.ota.paths;
+    let phase = crate::ota::read_state(paths).phase;
+    if matches!(
+        phase,
+        crate::ota::Phase::Installing | crate::ota::Phase::Installed
+    ) {
+        return h::error(
+            StatusCode::CONFLICT,
+            "refused",
+            "an update is being installed",
+        );
+    }
+    crate::ota::discard(paths);
+    let _ = std::fs::remove_file(paths.request());
+    let _ = crate::ota::with_state(paths, |s| s.phase = crate::ota::Phase::Idle);
+    h::json(StatusCode::OK, &json!({"discarded": true}))
+}
+
+/// `POST /v1/ota/install {"force_downgrade"}` (technician): queues the received bundle for
+/// the root oneshot that checks and installs it; `GET /v1/ota` follows the attempt.
+async fn ota_install(state: &LanState, body: Incoming) -> Response<Body> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Ask {
+        force_downgrade: bool,
+    }
+    let body = match h::read_body(body, MAX_SMALL_BODY).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ask: Ask = if body.iter().all(u8::is_ascii_whitespace) {
+        Ask::default()
+    } else {
+        match h::parse_json(&body) {
+            Ok(a) => a,
+            Err(r) => return r,
+        }
+    };
+    match crate::ota::request_install(&state.ota.paths, ask.force_downgrade) {
+        Ok(attempt) => {
+            tracing::info!("update install requested (attempt {attempt})");
+            h::json(StatusCode::ACCEPTED, &json!({"attempt": attempt}))
+        }
+        Err(e) => h::error(StatusCode::CONFLICT, "refused", format!("{e:#}")),
+    }
+}
+
+/// `POST /v1/ota/quiesce` (technician): waits for a safe moment to reboot (no activity post
+/// for a few seconds, at most five minutes), then turns new posts away for five minutes,
+/// lets those in flight finish, pushes pending activity if the hub answers, and saves the
+/// push mark. The reboot itself is the caller's.
+async fn ota_quiesce(state: &LanState) -> Response<Body> {
+    const QUIET: i64 = 5_000;
+    let now = || chrono::Utc::now().timestamp_millis();
+    let give_up = now() + 300_000;
+    while now() - state.last_activity_ms.load(Ordering::SeqCst) < QUIET && now() < give_up {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    state
+        .closing_until_ms
+        .store(now() + 300_000, Ordering::SeqCst);
+    let drained = now() + 10_000;
+    while state.activity_in_flight.load(Ordering::SeqCst) > 0 && now() < drained {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pushed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        state.sync.push_pending(),
+    )
+    .await;
+    let activity = state.activity.clone();
+    let saved = tokio::task::spawn_blocking(move || activity.save_mark()).await;
+    let pending = state.activity.pending().pending;
+    h::json(
+        StatusCode::OK,
+        &json!({
+            "pushed": match pushed { Ok(Ok(n)) => json!(n), Ok(Err(e)) => json!(e), Err(_) => json!("timed out") },
+            "pending": pending,
+            "mark_saved": matches!(saved, Ok(Ok(()))),
+        }),
+    )
 }

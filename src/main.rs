@@ -12,6 +12,8 @@ mod journal;
 mod lan;
 mod metrics;
 mod migrate;
+mod ota;
+mod ota_cli;
 mod pairing;
 mod status;
 mod statuspage;
@@ -104,6 +106,12 @@ enum Command {
         #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Firmware updates: install a signed bundle (technician), follow an update, and the
+    /// steps the image's units run as root.
+    Ota {
+        #[command(subcommand)]
+        action: OtaAction,
+    },
     /// Work with the configuration without starting the daemon.
     Config {
         #[command(subcommand)]
@@ -116,6 +124,52 @@ enum ConfigAction {
     /// Read the config and its drop-ins, check every value and the files it names, and print
     /// the result; exits non-zero with the reason when something is wrong.
     Check {
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum OtaAction {
+    /// Send a bundle (a file, or an http:// URL) to the daemon, have it installed into the
+    /// other slot, and follow until the box reboots into it or refuses it.
+    Install {
+        bundle: String,
+        /// Install even when the bundle is not newer than the running version.
+        #[arg(long)]
+        force_downgrade: bool,
+        /// Return once the install is queued.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show the update state.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Check and install a queued bundle, then reboot (storebox-ota-apply.service, as root).
+    Apply {
+        /// Install only; do not reboot.
+        #[arg(long)]
+        no_reboot: bool,
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Wait for the daemon to be healthy, then mark the booted slot good
+    /// (storebox-mark-good.service, as root).
+    MarkGood {
+        #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Check a bundle without installing it: signature, compatible, version.
+    Check {
+        bundle: PathBuf,
+        #[arg(long)]
+        force_downgrade: bool,
         #[arg(long, env = "STOREBOX_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -246,8 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Migrate { config } => {
             let config = BoxConfig::load(&config)?;
-            let store = storage::BoxStore::open(&config.data_dir, config.storage.cache_mib)?;
-            let outcome = migrate::migrate(&store, &config.data_dir)?;
+            let outcome = migrate::run(&config.data_dir, config.storage.cache_mib)?;
             println!(
                 "{}: schema {} ({outcome:?})",
                 config.data_dir.join(storage::BoxStore::FILE_NAME).display(),
@@ -255,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Ota { action } => ota_command(&runtime, action),
         Command::Discover { timeout, udp_port } => {
             runtime.block_on(discovery::discover_command(timeout, udp_port))
         }
@@ -273,6 +327,49 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
     }
+}
+
+fn ota_command(
+    runtime: &tokio::runtime::Runtime,
+    action: OtaAction,
+) -> anyhow::Result<std::process::ExitCode> {
+    match action {
+        OtaAction::Install {
+            bundle,
+            force_downgrade,
+            no_wait,
+            config,
+        } => {
+            let config = BoxConfig::load(&config)?;
+            runtime.block_on(ota_cli::install(&config, &bundle, force_downgrade, no_wait))?;
+        }
+        OtaAction::Status { json, config } => {
+            let config = BoxConfig::load(&config)?;
+            runtime.block_on(ota_cli::status(&config, json))?;
+        }
+        OtaAction::Apply { no_reboot, config } => {
+            let config = BoxConfig::load(&config)?;
+            ota::apply(&config, !no_reboot)?;
+        }
+        OtaAction::MarkGood { config } => ota::mark_good(&config)?,
+        OtaAction::Check {
+            bundle,
+            force_downgrade,
+            config,
+        } => {
+            let config = BoxConfig::load(&config)?;
+            let settings = config.ota_settings()?;
+            let image = ota::Image::read(&settings);
+            let info = ota::check_bundle(&settings, &image, &bundle, None, force_downgrade)?;
+            println!(
+                "{}: signed, version {} for {}: installable on this box",
+                bundle.display(),
+                info.version,
+                info.compatible
+            );
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// How long a stopping daemon lets in-flight till requests finish (systemd's
@@ -359,6 +456,8 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         hub_timeout: config.hub_timeout()?,
         push: config.sync.push,
     };
+    let ota = ota::OtaTask::new(config.ota_settings()?, &config.data_dir, engine.clone());
+    tokio::spawn(ota.clone().run());
     let state = Arc::new(lan::LanState {
         store_id: config.store_id.clone(),
         store,
@@ -368,6 +467,11 @@ async fn serve(config: BoxConfig) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
         pairing,
         fingerprint,
+        ota,
+        started_ms: chrono::Utc::now().timestamp_millis(),
+        activity_in_flight: Default::default(),
+        last_activity_ms: Default::default(),
+        closing_until_ms: Default::default(),
     });
     if enrolling {
         // A first start enrolls before the first sync, so that sync does not fail for want

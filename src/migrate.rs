@@ -41,6 +41,9 @@ pub enum Outcome {
     Recorded,
     /// These steps ran, from the first version to the second.
     Migrated { from: u64, to: u64 },
+    /// The data was newer than this release knows; the copy of schema `to` made before it
+    /// was migrated was put back.
+    Restored { from: u64, to: u64 },
 }
 
 /// Errors of the migration, each naming the database file.
@@ -69,6 +72,13 @@ pub enum MigrateError {
         #[source]
         source: StorageError,
     },
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Storage {
         path: PathBuf,
@@ -84,7 +94,17 @@ fn db_path(data_dir: &Path) -> PathBuf {
 
 /// Brings the database in `data_dir` to [`SCHEMA_VERSION`]: records the version on a
 /// database that has none, runs the steps from an older one, refuses a newer one.
+#[cfg(test)]
 pub fn migrate(store: &BoxStore, data_dir: &Path) -> Result<Outcome, MigrateError> {
+    migrate_to(store, data_dir, SCHEMA_VERSION, STEPS)
+}
+
+fn migrate_to(
+    store: &BoxStore,
+    data_dir: &Path,
+    known: u64,
+    steps: &[Step],
+) -> Result<Outcome, MigrateError> {
     let path = db_path(data_dir);
     let storage = |source| MigrateError::Storage {
         path: path.clone(),
@@ -92,20 +112,18 @@ pub fn migrate(store: &BoxStore, data_dir: &Path) -> Result<Outcome, MigrateErro
     };
     let found = store.meta(SCHEMA_KEY).map_err(storage)?;
     let Some(found) = found else {
-        store
-            .set_meta(SCHEMA_KEY, SCHEMA_VERSION)
-            .map_err(storage)?;
+        store.set_meta(SCHEMA_KEY, known).map_err(storage)?;
         return Ok(Outcome::Recorded);
     };
     match found {
         0 => Err(MigrateError::Invalid { path, found }),
-        v if v > SCHEMA_VERSION => Err(MigrateError::Newer { path, found }),
-        v if v == SCHEMA_VERSION => Ok(Outcome::Current),
+        v if v > known => Err(MigrateError::Newer { path, found }),
+        v if v == known => Ok(Outcome::Current),
         from => {
-            for version in from..SCHEMA_VERSION {
+            for version in from..known {
                 // Each step is committed with its new version, so a power cut resumes at
                 // the step it stopped in.
-                let step = step_from(version).ok_or(MigrateError::Invalid {
+                let step = step_in(steps, version).ok_or(MigrateError::Invalid {
                     path: path.clone(),
                     found: version,
                 })?;
@@ -116,18 +134,101 @@ pub fn migrate(store: &BoxStore, data_dir: &Path) -> Result<Outcome, MigrateErro
                 })?;
                 store.set_meta(SCHEMA_KEY, version + 1).map_err(storage)?;
             }
-            Ok(Outcome::Migrated {
-                from,
-                to: SCHEMA_VERSION,
-            })
+            Ok(Outcome::Migrated { from, to: known })
         }
     }
 }
 
 /// The step from `version` to `version + 1`.
+#[cfg(test)]
 fn step_from(version: u64) -> Option<Step> {
+    step_in(STEPS, version)
+}
+
+fn step_in(steps: &[Step], version: u64) -> Option<Step> {
     let index = usize::try_from(version.checked_sub(1)?).ok()?;
-    STEPS.get(index).copied()
+    steps.get(index).copied()
+}
+
+/// `storebox migrate`, with the data kept readable across an update and its rollback:
+/// before the first step of a migration the database is copied to
+/// `ota/rollback/storebox-schema<N>.redb`; a release that finds data newer than it knows and
+/// a copy of its own schema there puts the copy back (the newer data is kept beside it) and
+/// carries on. The copies go once the new slot is marked good (`ota.rs`). What the copy
+/// does not have is refilled by the next full sync; activity lives in the journal, which
+/// a migration never touches, and what the copy's older push mark re-sends the hub drops as
+/// duplicates.
+pub fn run(data_dir: &Path, cache_mib: usize) -> anyhow::Result<Outcome> {
+    run_with(data_dir, cache_mib, SCHEMA_VERSION, STEPS)
+}
+
+fn run_with(
+    data_dir: &Path,
+    cache_mib: usize,
+    known: u64,
+    steps: &[Step],
+) -> anyhow::Result<Outcome> {
+    let path = db_path(data_dir);
+    let storage = |source| MigrateError::Storage {
+        path: path.clone(),
+        source,
+    };
+    let io = |what: String, source: std::io::Error| MigrateError::Io {
+        path: path.clone(),
+        what,
+        source,
+    };
+    let open = || BoxStore::open(data_dir, cache_mib);
+    let store = open()?;
+    let found = store.meta(SCHEMA_KEY).map_err(storage)?;
+    let rollback = crate::ota::Paths::new(data_dir).rollback();
+    let copy_of = |v: u64| rollback.join(format!("storebox-schema{v}.redb"));
+    match found {
+        Some(found) if found > known => {
+            let Some((v, copy)) = (1..=known)
+                .rev()
+                .map(|v| (v, copy_of(v)))
+                .find(|(_, c)| c.is_file())
+            else {
+                return Err(MigrateError::Newer { path, found }.into());
+            };
+            drop(store);
+            std::fs::rename(&path, copy_of(found))
+                .map_err(|e| io(format!("keeping the schema {found} data aside"), e))?;
+            copy_file(&copy, &path).map_err(|e| io(format!("restoring {}", copy.display()), e))?;
+            tracing::warn!(
+                "{}: schema {found} data from a newer release kept as {}; the schema {v} copy \
+                 made before it migrated is back in place",
+                path.display(),
+                copy_of(found).display()
+            );
+            let store = open()?;
+            migrate_to(&store, data_dir, known, steps)?;
+            Ok(Outcome::Restored { from: found, to: v })
+        }
+        Some(found) if found > 0 && found < known => {
+            drop(store);
+            std::fs::create_dir_all(&rollback)
+                .map_err(|e| io(format!("creating {}", rollback.display()), e))?;
+            copy_file(&path, &copy_of(found))
+                .map_err(|e| io(format!("copying the data to {}", rollback.display()), e))?;
+            let store = open()?;
+            Ok(migrate_to(&store, data_dir, known, steps)?)
+        }
+        _ => Ok(migrate_to(&store, data_dir, known, steps)?),
+    }
+}
+
+/// Copies `from` to `to` durably: a temporary file, synced, then renamed.
+fn copy_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, to)?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// What the daemon runs at open: the data must be the current schema, or unversioned
@@ -199,6 +300,67 @@ mod tests {
             check(&store, dir.path()),
             Err(MigrateError::Newer { .. })
         ));
+    }
+
+    fn to_two(store: &BoxStore) -> Result<(), StorageError> {
+        store.set_meta("step_ran", 1)
+    }
+
+    #[test]
+    fn a_migration_keeps_a_copy_that_a_rollback_puts_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            store.set_meta(SCHEMA_KEY, 1).unwrap();
+            store.save_pushed_through(7).unwrap();
+        }
+        // The new release (schema 2) migrates, keeping a copy of schema 1.
+        let steps: &[Step] = &[to_two];
+        assert_eq!(
+            run_with(dir.path(), 4, 2, steps).unwrap(),
+            Outcome::Migrated { from: 1, to: 2 }
+        );
+        let copy = dir.path().join("ota/rollback/storebox-schema1.redb");
+        assert!(copy.is_file());
+        {
+            let store = open(dir.path());
+            assert_eq!(store.meta(SCHEMA_KEY).unwrap(), Some(2));
+            assert_eq!(store.meta("step_ran").unwrap(), Some(1));
+            store.save_pushed_through(9).unwrap();
+        }
+        // Rolled back, the old release (schema 1) finds schema 2 and its own copy.
+        assert_eq!(
+            run_with(dir.path(), 4, 1, &[]).unwrap(),
+            Outcome::Restored { from: 2, to: 1 }
+        );
+        let store = open(dir.path());
+        assert_eq!(store.meta(SCHEMA_KEY).unwrap(), Some(1));
+        assert_eq!(store.meta("step_ran").unwrap(), None);
+        assert_eq!(store.pushed_through().unwrap(), 7);
+        check(&store, dir.path()).unwrap();
+        // The newer data is kept, not deleted.
+        assert!(dir
+            .path()
+            .join("ota/rollback/storebox-schema2.redb")
+            .is_file());
+    }
+
+    #[test]
+    fn without_a_copy_newer_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            store.set_meta(SCHEMA_KEY, SCHEMA_VERSION + 1).unwrap();
+        }
+        let err = run(dir.path(), 4).unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<MigrateError>(),
+            Some(MigrateError::Newer { .. })
+        ));
+        assert_eq!(
+            open(dir.path()).meta(SCHEMA_KEY).unwrap(),
+            Some(SCHEMA_VERSION + 1)
+        );
     }
 
     #[test]

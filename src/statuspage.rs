@@ -338,6 +338,7 @@ pub fn render(doc: &Value, extras: &PageExtras) -> String {
     traffic_section(&mut h, doc, extras);
     storage_section(&mut h, doc, extras);
     security_section(&mut h, doc, today);
+    ota_section(&mut h, doc);
     let _ = writeln!(
         h,
         "<footer class=\"muted\">This page reloads every {REFRESH_S} s. Machine-readable: \
@@ -489,6 +490,124 @@ fn modules_section(h: &mut String, doc: &Value, today: NaiveDate) {
     }
     h.push_str("</section>\n");
 }
+
+fn ota_section(h: &mut String, doc: &Value) {
+    let o = &doc["ota"];
+    let last = &o["last"];
+    let last_text = if last.is_null() {
+        "none".to_owned()
+    } else {
+        format!(
+            "{} {} at {}{}",
+            val(&last["event"]).replace('_', " "),
+            val(&last["version"]),
+            val(&last["at"]),
+            last["reason"]
+                .as_str()
+                .map(|r| format!(": <span class=\"err\">{}</span>", escape(r)))
+                .unwrap_or_default()
+        )
+    };
+    let bad = matches!(last["event"].as_str(), Some("failed" | "rolled_back"));
+    let health = if o["health"]["healthy"] == true {
+        "healthy".to_owned()
+    } else {
+        format!(
+            "not healthy: {}",
+            escape(
+                &o["health"]["problems"]
+                    .as_array()
+                    .map(|p| p.iter().map(val).collect::<Vec<_>>().join("; "))
+                    .unwrap_or_default()
+            )
+        )
+    };
+    let _ = writeln!(
+        h,
+        "<section><h2>Software</h2><dl>\
+         <dt>image</dt><dd><span id=\"image-version\">{}</span> on slot {} ({})</dd>\
+         <dt>update</dt><dd id=\"ota-phase\">{}{}</dd>\
+         <dt>last update event</dt><dd id=\"ota-last\"{}>{last_text}</dd>\
+         <dt>health</dt><dd>{health}</dd>\
+         <dt>install</dt><dd><a href=\"/update\">Install an update bundle…</a> \
+         (technician credential)</dd></dl></section>",
+        val(&o["running"]),
+        val(&o["slot"]),
+        val(&o["compatible"]),
+        val(&o["phase"]),
+        o["target"]["version"]
+            .as_str()
+            .map(|v| format!(", hub target {}", escape(v)))
+            .unwrap_or_default(),
+        if bad { " class=\"err\"" } else { "" },
+    );
+}
+
+/// `GET /update`: a form for a technician to upload a bundle from a laptop's browser, in
+/// chunks (so a cut resumes), then queue its install and follow it. Not on the status page
+/// itself, which reloads itself.
+pub fn update_page() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::new(Bytes::from(format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+             <title>storebox update</title><style>{STYLE}</style></head><body><main>\
+             <header><h1>storebox · install an update</h1>\
+             <a href=\"/\">back to the status page</a></header>{UPDATE_FORM}</main></body></html>"
+        ))))
+        .unwrap_or_else(|_| Response::new(Body::new(Bytes::new())))
+}
+
+const UPDATE_FORM: &str = r#"<section><form id="f"><dl>
+<dt><label for="token">technician token</label></dt><dd><input id="token" type="password" required size="40"></dd>
+<dt><label for="file">bundle (.raucb)</label></dt><dd><input id="file" type="file" accept=".raucb" required></dd>
+<dt><label for="force">older version</label></dt><dd><input id="force" type="checkbox"> install even if not newer</dd>
+</dl><p><button>Upload and install</button></p></form>
+<p><progress id="bar" max="100" value="0"></progress> <span id="msg" class="muted"></span></p></section>
+<script>
+const CHUNK = 8 * 1024 * 1024;
+const $ = (id) => document.getElementById(id);
+const say = (t, bad) => { $("msg").textContent = t; $("msg").className = bad ? "err" : "muted"; };
+async function call(method, path, token, body, headers) {
+  const r = await fetch(path, { method, body, headers: Object.assign({ authorization: "Bearer " + token }, headers || {}) });
+  let doc = {}; try { doc = await r.json(); } catch (e) {}
+  return [r.status, doc];
+}
+$("f").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const token = $("token").value.trim(), file = $("file").files[0];
+  let [st, doc] = await call("GET", "/v1/ota", token);
+  if (st !== 200) return say(doc.message || ("the box answered " + st), true);
+  let offset = 0;
+  const inc = doc.incoming;
+  if (inc && inc.source === "lan" && inc.name === file.name && inc.total === file.size) offset = Math.min(inc.received, file.size);
+  while (offset < file.size) {
+    const end = Math.min(offset + CHUNK, file.size);
+    [st, doc] = await call("PUT", "/v1/ota/bundle", token, file.slice(offset, end),
+      { "content-range": "bytes " + offset + "-" + (end - 1) + "/" + file.size, "x-bundle-name": file.name });
+    if (st === 409 && typeof doc.received === "number") { offset = doc.received; continue; }
+    if (st !== 200) return say(doc.message || ("upload refused: " + st), true);
+    offset = end;
+    $("bar").value = Math.floor(offset * 100 / file.size);
+    say("uploaded " + (offset >> 20) + " of " + (file.size >> 20) + " MiB");
+  }
+  [st, doc] = await call("POST", "/v1/ota/install", token, JSON.stringify({ force_downgrade: $("force").checked }), { "content-type": "application/json" });
+  if (st !== 202) return say(doc.message || ("install refused: " + st), true);
+  const attempt = doc.attempt;
+  say("checking and installing…");
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 1000));
+    try { [st, doc] = await call("GET", "/v1/ota", token); } catch (e) { return say("the box is rebooting into the new version"); }
+    if (doc.attempt !== attempt) continue;
+    if (doc.phase === "installed" || doc.phase === "trial") return say("installed " + doc.version + "; the box reboots into it now");
+    if (doc.phase === "idle" && doc.last && doc.last.event === "failed") return say("refused: " + doc.last.reason, true);
+    say("phase: " + doc.phase);
+  }
+});
+</script>"#;
 
 fn activity_section(h: &mut String, doc: &Value) {
     let a = &doc["activity"];
@@ -660,6 +779,11 @@ mod tests {
                         "table_bytes": {"records": 10}},
             "last_full_sync": {"ok": false, "error": evil, "duration_ms": 10,
                                "bytes_received": 5},
+            "ota": {"running": evil, "slot": "A", "compatible": "board", "phase": "idle",
+                    "target": {"version": evil},
+                    "last": {"event": "rolled_back", "version": evil, "reason": evil,
+                             "at": "2026-03-02T03:10:00Z"},
+                    "health": {"healthy": false, "problems": [evil]}},
         });
         let extras = PageExtras {
             now: at(2, 12),
@@ -682,6 +806,12 @@ mod tests {
         assert!(html.contains("id=\"module-cat&lt;b&gt;\""));
         assert!(html.contains("class=\"badge unknown\""));
         assert!(html.contains("<span id=\"pending\">2</span>"));
+        // A rollback shows with its reason, marked as an error.
+        assert!(
+            html.contains("<dd id=\"ota-last\" class=\"err\">rolled back"),
+            "{html}"
+        );
+        assert!(html.contains("href=\"/update\""));
         assert!(html.contains("1.0 MB free of 4.0 MB (25 %)"));
         assert!(html.contains("no TLS yet"));
         assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<link"));

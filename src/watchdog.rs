@@ -94,6 +94,40 @@ static BEATS: [Beat; 4] = [const {
 }; 4];
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
+/// What the checker last told systemd, for the health check of a new slot (`ota.rs`).
+static READY_SENT: AtomicBool = AtomicBool::new(false);
+static WATCHDOG_ON: AtomicBool = AtomicBool::new(false);
+static PINGS: AtomicU64 = AtomicU64::new(0);
+static PROBLEMS: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// The watchdog's view of the daemon's health.
+pub struct HealthView {
+    /// `READY=1` was sent.
+    pub ready: bool,
+    /// systemd asked for watchdog pings.
+    pub watchdog: bool,
+    /// Pings sent since the start.
+    pub pings: u64,
+    /// Why the last check withheld its ping; empty when it passed.
+    pub problems: String,
+}
+
+pub fn health() -> HealthView {
+    HealthView {
+        ready: READY_SENT.load(Ordering::Relaxed),
+        watchdog: WATCHDOG_ON.load(Ordering::Relaxed),
+        pings: PINGS.load(Ordering::Relaxed),
+        problems: PROBLEMS.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    }
+}
+
+fn record_check(problems: &str, pinged: bool) {
+    *PROBLEMS.lock().unwrap_or_else(|p| p.into_inner()) = problems.to_owned();
+    if pinged {
+        PINGS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
@@ -362,6 +396,7 @@ impl Checker {
         let period = interval.map_or(STATUS_PERIOD, |i| i / 2);
         let mut ready = false;
         let mut last_problems = String::new();
+        WATCHDOG_ON.store(interval.is_some(), Ordering::Relaxed);
         loop {
             let health = self.check().await;
             if health.problems.is_empty() {
@@ -378,6 +413,8 @@ impl Checker {
                 }
                 self.sender.send(&states);
                 ready = true;
+                READY_SENT.store(true, Ordering::Relaxed);
+                record_check("", interval.is_some());
                 tokio::time::sleep(period).await;
             } else {
                 let problems = health.problems.join("; ");
@@ -385,6 +422,7 @@ impl Checker {
                     tracing::warn!("watchdog: withholding the ping: {problems}");
                     last_problems = problems.clone();
                 }
+                record_check(&problems, false);
                 let status = format!("unhealthy: {problems}");
                 self.sender.send(&[NotifyState::Status(&status)]);
                 tokio::time::sleep(RETRY.min(period)).await;

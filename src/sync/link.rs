@@ -57,6 +57,8 @@ pub enum LinkError {
     Request(#[from] http::Error),
     #[error("the hub's answer is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("writing the download: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// Bytes that crossed the socket, TLS records and HTTP/2 framing included.
@@ -74,10 +76,18 @@ pub enum Process {
     Watch = 1,
     Delta = 2,
     Full = 3,
+    /// Firmware update checks, reports and bundle downloads: last in line.
+    Ota = 4,
 }
 
 impl Process {
-    pub const ALL: [Process; 4] = [Process::Push, Process::Watch, Process::Delta, Process::Full];
+    pub const ALL: [Process; 5] = [
+        Process::Push,
+        Process::Watch,
+        Process::Delta,
+        Process::Full,
+        Process::Ota,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -85,6 +95,7 @@ impl Process {
             Process::Watch => "watch",
             Process::Delta => "delta",
             Process::Full => "full",
+            Process::Ota => "ota",
         }
     }
 }
@@ -107,7 +118,7 @@ pub struct WireStats {
     pub connections: AtomicU64,
     /// Connections whose TLS handshake resumed an earlier session.
     pub resumed: AtomicU64,
-    pub processes: [ProcessBytes; 4],
+    pub processes: [ProcessBytes; 5],
     /// Payload bytes received per module.
     pub modules: std::sync::Mutex<BTreeMap<String, u64>>,
 }
@@ -137,7 +148,7 @@ pub struct Shaper {
     rate: f64,
     burst: f64,
     state: std::sync::Mutex<(f64, tokio::time::Instant)>,
-    waiting: [AtomicU32; 4],
+    waiting: [AtomicU32; 5],
 }
 
 impl Shaper {
@@ -418,6 +429,98 @@ impl HubLink {
             return Err(LinkError::Status { status, message });
         }
         Ok(body)
+    }
+
+    /// GETs a file from the hub into `file`, from byte `offset` on (`Range: bytes=N-`), for
+    /// the firmware update process: last in line under the link's caps, and paced by `pace`
+    /// too when the link has no download cap of its own. No overall time limit (a bundle may
+    /// take an hour on a shop's line); a minute without a byte ends the call, and the caller
+    /// resumes from what was written.
+    pub async fn download(
+        &self,
+        path: &str,
+        offset: u64,
+        file: &mut tokio::fs::File,
+        pace: Option<&Shaper>,
+    ) -> Result<(), LinkError> {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        const IDLE: Duration = Duration::from_secs(60);
+        let process = Process::Ota;
+        let mut sender = {
+            let mut slot = self.connection.lock().await;
+            match slot.as_ref() {
+                Some(s) if !s.is_closed() => s.clone(),
+                _ => {
+                    let s = self.connect_with_backoff().await?;
+                    *slot = Some(s.clone());
+                    s
+                }
+            }
+        };
+        tokio::time::timeout(IDLE, sender.ready())
+            .await
+            .map_err(|_| LinkError::Timeout(IDLE))??;
+        let stats = self.wire.process(process);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut request = Request::get(format!(
+            "https://{}:{}{path}",
+            self.target.host, self.target.port
+        ))
+        .header(header::AUTHORIZATION, &self.target.authorization)
+        .header(proto::HEADER_PROTOCOL, proto::PROTOCOL_VERSION.to_string());
+        if offset > 0 {
+            request = request.header(header::RANGE, format!("bytes={offset}-"));
+        }
+        let request = request.body(ShapedBody::new(Bytes::new(), self.upload.clone(), process))?;
+        let response = tokio::time::timeout(IDLE, sender.send_request(request))
+            .await
+            .map_err(|_| LinkError::Timeout(IDLE))??;
+        let status = response.status();
+        match status {
+            http::StatusCode::PARTIAL_CONTENT if offset > 0 => {
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(LinkError::Io)?;
+            }
+            http::StatusCode::OK => {
+                // The hub sends the whole file: start the file again.
+                file.set_len(0).await.map_err(LinkError::Io)?;
+                file.seek(std::io::SeekFrom::Start(0))
+                    .await
+                    .map_err(LinkError::Io)?;
+            }
+            _ => {
+                let body = response.into_body().collect().await.map(|b| b.to_bytes());
+                let message = body
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(LinkError::Status { status, message });
+            }
+        }
+        let mut incoming = response.into_body();
+        loop {
+            let frame = match tokio::time::timeout(IDLE, incoming.frame()).await {
+                Err(_) => return Err(LinkError::Timeout(IDLE)),
+                Ok(None) => break,
+                Ok(Some(frame)) => frame?,
+            };
+            if let Some(data) = frame.data_ref() {
+                stats
+                    .received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                file.write_all(data).await.map_err(LinkError::Io)?;
+                match (&self.download, pace) {
+                    (Some(shaper), _) => shaper.take(data.len(), process).await,
+                    (None, Some(shaper)) => shaper.take(data.len(), process).await,
+                    (None, None) => {}
+                }
+            }
+        }
+        file.flush().await.map_err(LinkError::Io)?;
+        file.sync_data().await.map_err(LinkError::Io)?;
+        Ok(())
     }
 
     /// Opens a connection, first waiting out the pause after earlier failures: a hub that is

@@ -174,6 +174,11 @@ impl SyncEngine {
             .collect()
     }
 
+    /// The hub link, for the firmware update task.
+    pub fn link(&self) -> &HubLink {
+        &self.link
+    }
+
     /// Everything the hub link counts.
     pub fn wire(&self) -> &WireStats {
         &self.link.wire

@@ -133,7 +133,10 @@ fn lan_transport(
         .map(|(_, l)| l.clone())?;
     let tls = lan_fingerprint(&access.data_dir)
         .map(|f| storebox_http::pinned::pinned_client_config(&f).unwrap());
-    let token = if path.starts_with("/v1/sync") || path.starts_with("/v1/tills") {
+    let token = if ["/v1/sync", "/v1/tills", "/v1/ota"]
+        .iter()
+        .any(|p| path.starts_with(p))
+    {
         access.technician
     } else {
         access.till

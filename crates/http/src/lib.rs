@@ -179,8 +179,10 @@ pub async fn serve_until<S, F, D>(
     serve_with(listener, tls, Limits::default(), state, handler, shutdown).await
 }
 
-/// Like [`serve_until`], with explicit [`Limits`].
-pub async fn serve_with<S, F, D>(
+/// Like [`serve_until`], with explicit [`Limits`], and answers of any body type `B`: a
+/// handler that streams (a file served in chunks) answers with a body of its own; the others
+/// answer [`Body`].
+pub async fn serve_with<S, F, B, D>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
@@ -189,7 +191,9 @@ pub async fn serve_with<S, F, D>(
     shutdown: D,
 ) where
     S: Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     D: Future<Output = ()>,
 {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -358,7 +362,7 @@ async fn detect_h2(tcp: &tokio::net::TcpStream, limits: &Limits) -> Option<bool>
     }
 }
 
-async fn serve_connection<S, F>(
+async fn serve_connection<S, F, B>(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -368,7 +372,9 @@ async fn serve_connection<S, F>(
     stop: tokio::sync::watch::Receiver<bool>,
 ) where
     S: Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Arc::new(Activity::default());
     activity.touch();
@@ -429,7 +435,7 @@ async fn serve_connection<S, F>(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run_http<IO, S, F>(
+async fn run_http<IO, S, F, B>(
     io: IO,
     h2: bool,
     info: ConnectionInfo,
@@ -442,7 +448,9 @@ async fn run_http<IO, S, F>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let counter = activity.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {

@@ -1,4 +1,5 @@
-//! The back-office API: import and edit module records, read a store's activity and status.
+//! The back-office API: import and edit module records, read a store's activity and status,
+//! manage firmware bundles and targets (`ota.rs`).
 //!
 //! Served on its own listener (loopback by default) so it can stay off the network boxes
 //! reach; every call needs `Authorization: Bearer <admin token>`.
@@ -12,6 +13,7 @@ use hyper::Request;
 use serde_json::json;
 use storebox_protocol as proto;
 
+use crate::ota;
 use crate::store::{rfc3339, HubStore};
 use storebox_http::{self as h, Body};
 
@@ -47,6 +49,10 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let route = match segs.as_slice() {
         ["admin", "v1", "stores"] => Route::Stores,
+        ["admin", "v1", "ota"] => Route::OtaFleet,
+        ["admin", "v1", "ota", "target"] => Route::OtaTarget,
+        ["admin", "v1", "ota", "bundles"] => Route::OtaBundles,
+        ["admin", "v1", "ota", "bundles", version] => Route::OtaBundle(version.to_string()),
         ["admin", "v1", "stores", store, rest @ ..] => {
             if !state.config.has_store(store) {
                 return h::error(
@@ -61,6 +67,7 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
                 ["revoke"] => Route::Revoke(store.to_string()),
                 ["certificates"] => Route::Certificates(store.to_string()),
                 ["activity"] => Route::Activity(store.to_string()),
+                ["ota"] => Route::StoreOta(store.to_string()),
                 ["modules", module, tail @ ..] => {
                     if state.config.module(module).is_none() {
                         return h::error(
@@ -142,6 +149,41 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
         }
         (Method::POST, Route::Revoke(store)) => blocking(state, move |_| revoke(&store)).await,
         (Method::GET, Route::Certificates(store)) => certificates(&store),
+        (Method::GET, Route::OtaFleet) => {
+            blocking(state, |s| ota::fleet_view(&s.store, &s.config)).await
+        }
+        (Method::PUT, Route::OtaTarget) => {
+            let body = match ota::read_target_body(req.into_body()).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            blocking(state, move |s| ota::set_target(&s.store, None, &body)).await
+        }
+        (Method::GET, Route::OtaBundles) => blocking(state, |s| ota::list_bundles(&s.store)).await,
+        // Streamed to disk as it arrives: the admin listener's idle timeout does not apply
+        // while the request is in flight, so a slow back-office upload is not cut.
+        (Method::PUT, Route::OtaBundle(version)) => {
+            ota::put_bundle(state.store.clone(), &state.config, version, req).await
+        }
+        (Method::DELETE, Route::OtaBundle(version)) => {
+            blocking(state, move |s| {
+                ota::delete_bundle(&s.store, &s.config, &version)
+            })
+            .await
+        }
+        (Method::GET, Route::StoreOta(store)) => {
+            blocking(state, move |s| ota::store_view(&s.store, &store)).await
+        }
+        (Method::PUT, Route::StoreOta(store)) => {
+            let body = match ota::read_target_body(req.into_body()).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            blocking(state, move |s| {
+                ota::set_target(&s.store, Some(&store), &body)
+            })
+            .await
+        }
         (_, Route::NotFound) => h::error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -164,6 +206,11 @@ enum Route {
     EnrollToken(String),
     Revoke(String),
     Certificates(String),
+    OtaFleet,
+    OtaTarget,
+    OtaBundles,
+    OtaBundle(String),
+    StoreOta(String),
     NotFound,
 }
 

@@ -35,6 +35,31 @@ pub struct HubConfig {
     /// Box identities: the CA that signs boxes' short-lived client certificates.
     #[serde(default)]
     pub pki: PkiConfig,
+    /// Firmware updates the hub serves to boxes.
+    #[serde(default)]
+    pub ota: OtaConfig,
+}
+
+/// Firmware bundles (`ota.rs`, docs/PROTOCOL.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaConfig {
+    /// Largest bundle the admin API accepts ("1GiB", "300MiB", or bytes). A board's bundle
+    /// is 50 to 300 MB; the limit only stops a wrong file from filling the hub's disk.
+    #[serde(default = "default_max_bundle_size")]
+    pub max_bundle_size: String,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            max_bundle_size: default_max_bundle_size(),
+        }
+    }
+}
+
+fn default_max_bundle_size() -> String {
+    "1GiB".into()
 }
 
 /// The private PKI for boxes (`pki.rs`, docs/SECURITY.md).
@@ -213,7 +238,23 @@ impl HubConfig {
         self.tombstone_retention()?;
         self.cert_lifetime()?;
         self.token_lifetime()?;
+        self.max_bundle_size()?;
         Ok(())
+    }
+
+    /// The largest firmware bundle the admin API accepts, in bytes.
+    pub fn max_bundle_size(&self) -> anyhow::Result<u64> {
+        let size = parse_size(&self.ota.max_bundle_size)
+            .map_err(|e| anyhow::anyhow!("[ota] max_bundle_size: {e}"))?;
+        if size == 0 {
+            bail!("[ota] max_bundle_size must be at least 1 byte");
+        }
+        Ok(size)
+    }
+
+    /// Where firmware bundles are kept: beside the hub database.
+    pub fn ota_dir(&self) -> PathBuf {
+        self.data_dir.join("ota")
     }
 
     /// Lifetime of boxes' client certificates.
@@ -245,5 +286,55 @@ impl HubConfig {
     /// Whether `store` is configured.
     pub fn has_store(&self, store: &str) -> bool {
         self.stores.iter().any(|s| s.id == store)
+    }
+}
+
+/// Parses a size as people write it: "1GiB", "300MiB", "512KiB" (powers of 1024), "1GB",
+/// "500MB", "64kB" (powers of 1000), "1000B" or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use B, KiB, MiB, GiB, kB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_both_kinds_of_units() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size(" 300MiB ").unwrap(), 300 << 20);
+        assert_eq!(parse_size("64kB").unwrap(), 64_000);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_size("12 MB").unwrap(), 12_000_000);
+        assert!(parse_size("1.5GiB").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("1gib").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
     }
 }

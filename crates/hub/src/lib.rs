@@ -12,11 +12,13 @@
 //! - [`pki`]: boxes' identities: enrollment tokens, short-lived client certificates,
 //!   revocation, the per-request certificate check.
 //! - [`enroll`]: the `/pki/v1/` calls boxes make to enroll and renew.
+//! - [`ota`]: firmware updates: bundle files, targets, the admin and sync calls for them.
 
 pub mod admin_api;
 pub mod config;
 pub mod enroll;
 pub mod init;
+pub mod ota;
 pub mod pki;
 pub mod store;
 pub mod sync_api;

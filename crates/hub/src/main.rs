@@ -57,7 +57,9 @@ enum Command {
 }
 
 /// How long the sync listener keeps a box's connection with no request in flight: longer
-/// than the default delta interval (5 minutes), with room for a slow poll.
+/// than the default delta interval (5 minutes), with room for a slow poll. A firmware
+/// download moving bytes at any rate is not idle; one stalled this long is cut and resumed
+/// by the box (`ota::serve_bundle`).
 const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 fn main() -> std::process::ExitCode {
@@ -148,6 +150,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let store = Arc::new(HubStore::open(&config.data_dir)?);
+        storehub::ota::prepare(&config.ota_dir(), &store)?;
         let token = std::fs::read_to_string(&config.admin.token_file)
             .with_context(|| format!("reading {}", config.admin.token_file.display()))?
             .trim()

@@ -11,6 +11,8 @@
 //! | `activity_ids`   | (store, event id)           | seq                                    |
 //! | `box_reports`    | store                       | [`BoxReport`] (JSON)                   |
 //!
+//! Firmware updates keep three more tables, described in [`ota`].
+//!
 //! `changes` holds at most one entry per record: writing a record moves its entry to the new
 //! sequence number. A delta pull is then a range scan from the box's cursor, and its size is
 //! bounded by the number of distinct records changed, not by how often they changed.
@@ -39,6 +41,8 @@ const MODULE_HEADS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 const ACTIVITY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("activity");
 const ACTIVITY_IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("activity_ids");
 const BOX_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("box_reports");
+
+pub mod ota;
 
 /// Errors of the hub database, each naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +184,9 @@ impl HubStore {
             txn.open_table(ACTIVITY)?;
             txn.open_table(ACTIVITY_IDS)?;
             txn.open_table(BOX_REPORTS)?;
+            txn.open_table(ota::BUNDLES)?;
+            txn.open_table(ota::TARGETS)?;
+            txn.open_table(ota::BOXES)?;
         }
         txn.commit().context("creating the hub tables")?;
         Ok(HubStore {

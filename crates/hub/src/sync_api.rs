@@ -1,4 +1,5 @@
-//! The HTTPS listener boxes talk to: delta pull, full sync, activity push, acknowledgement.
+//! The HTTPS listener boxes talk to: delta pull, full sync, activity push, acknowledgement,
+//! and firmware updates (check, bundle download, report: `ota.rs`).
 //!
 //! Every answer is built from the database alone, so any number of boxes can be served at
 //! once; the only per-request state is the store the caller's client certificate names.
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Response, StatusCode};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::Request;
 use storebox_protocol as proto;
@@ -30,6 +32,10 @@ pub const MAX_WATCH: Duration = Duration::from_secs(15 * 60);
 /// zstd level, which costs about a second for a 1 MB module: boxes syncing the same module
 /// at the same head share one encoding.
 const SNAPSHOT_CACHE: usize = 64;
+
+/// The body of a sync answer: an encoded message or a JSON error, or a bundle streamed from
+/// disk.
+pub type SyncBody = Either<Body, crate::ota::FileBody>;
 
 /// What the sync listener needs.
 pub struct SyncState {
@@ -164,14 +170,25 @@ impl SyncState {
 }
 
 /// Answers one request from a box.
-pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<SyncBody> {
     if req.uri().path().starts_with(crate::enroll::PATH_PREFIX) {
-        return crate::enroll::handle(&state.config, req).await;
+        return crate::enroll::handle(&state.config, req)
+            .await
+            .map(Either::Left);
     }
     let store = match authenticate(&state, &req) {
         Ok(store) => store,
-        Err(response) => return response,
+        Err(response) => return response.map(Either::Left),
     };
+    // The one call answered with a stream, and the one that is not a POST.
+    if let Some(version) = crate::ota::bundle_version(req.uri().path()) {
+        return crate::ota::serve_bundle(&state.store, &state.config, &store, version, &req).await;
+    }
+    call(state, store, req).await.map(Either::Left)
+}
+
+/// Answers one of the calls whose request and answer are encoded messages.
+async fn call(state: Arc<SyncState>, store: String, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::POST {
         return h::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -180,10 +197,30 @@ pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<B
         );
     }
     let path = req.uri().path().to_owned();
-    let body = match h::read_body(req.into_body(), MAX_SYNC_BODY).await {
+    let ota = path == proto::ota::PATH_OTA || path == proto::ota::PATH_OTA_REPORT;
+    let limit = if ota {
+        crate::ota::MAX_OTA_BODY
+    } else {
+        MAX_SYNC_BODY
+    };
+    let body = match h::read_body(req.into_body(), limit).await {
         Ok(b) => b,
         Err(response) => return response,
     };
+    if path == proto::ota::PATH_OTA_REPORT {
+        let worker = state.clone();
+        let result =
+            tokio::task::spawn_blocking(move || crate::ota::report(&worker.store, &store, &body))
+                .await;
+        return match result {
+            Ok(Ok(())) => Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Body::default())
+                .unwrap_or_else(|_| h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "")),
+            Ok(Err(response)) => response,
+            Err(e) => h::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        };
+    }
     if path == proto::PATH_WATCH {
         return match watch(&state, &store, &body).await {
             Ok(bytes) => answer(bytes),
@@ -198,6 +235,9 @@ pub async fn handle(state: Arc<SyncState>, req: Request<Incoming>) -> Response<B
             proto::PATH_REPAIR => repair(&worker, &store, &body),
             proto::PATH_ACTIVITY => activity(&worker, &store, &body),
             proto::PATH_ACK => ack(&worker, &store, &body),
+            proto::ota::PATH_OTA => {
+                crate::ota::check(&worker.store, worker.config.zstd_level, &store, &body)
+            }
             _ => Err(h::error(
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -79,9 +79,10 @@ pub struct OtaReport {
 }
 
 /// Whether `v` can be a version: 1 to [`MAX_VERSION_BYTES`] of ASCII letters, digits, `.`,
-/// `-`, `+` and `_`. Versions appear in URL paths and file names on both sides.
+/// `-`, `+` and `_`, starting with a letter or digit. Versions appear in URL paths and file
+/// names on both sides, where `.` or `..` would be a path step.
 pub fn is_valid_version(v: &str) -> bool {
-    !v.is_empty()
+    v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && v.len() <= MAX_VERSION_BYTES
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+' | b'_'))
@@ -157,6 +158,7 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::cmp::Ordering::*;
@@ -177,6 +179,8 @@ mod tests {
         assert!(is_valid_version("2026.11.1-rc1+g1234"));
         assert!(!is_valid_version(""));
         assert!(!is_valid_version("../etc"));
+        assert!(!is_valid_version(".."));
+        assert!(!is_valid_version("-1"));
         assert!(!is_valid_version("1 2"));
         assert!(!is_valid_version(&"1".repeat(MAX_VERSION_BYTES + 1)));
     }
