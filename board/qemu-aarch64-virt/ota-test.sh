@@ -107,9 +107,10 @@ ota_sales() {
     ota_log "posted $n sales ($tag)"
 }
 
-# ota_install URL: `storebox ota install URL` on the console, which must say it installed
-# and end in a reboot. Typed as is (no `run`): the box may reboot before the shell gets to
-# print anything after it. Leaves the console mark before the reboot.
+# ota_install URL VERSION: `storebox ota install URL` on the console, which must say it
+# installed (normally with the version: "installed v2 into slot B in 61.2 s; ...") and end in
+# a reboot. Typed as is (no `run`): the box may reboot before the shell gets to print
+# anything after it. Leaves the console mark before the reboot.
 ota_install() {
     local url=$1 version=$2
     console_mark
@@ -120,9 +121,10 @@ ota_install() {
         console_since | tail -n 20 >&2
         die "storebox ota install $url failed"
     fi
-    console_since | grep -a -i "installed" | grep -aq -- "$version" ||
-        die "storebox ota install $url printed no line saying $version is installed"
-    console_since | grep -a -i "installed" | tail -n1 | sed "s/^/$TEST: box: /"
+    console_since | grep -a "^installed" | grep -aq -- "$version" ||
+        console_since | grep -aq "^installed" ||
+        die "storebox ota install $url printed no line saying it installed $version"
+    console_since | grep -a "^installed" | tail -n1 | sed "s/^/$TEST: box: /"
 }
 ota_install_done() { console_has "ota-install-rc=" || console_has "storebox: booting slot"; }
 
@@ -166,12 +168,23 @@ ota_healthy() {
 ota_status() {
     lan "/v1/status" | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin).get("ota")))'
 }
-has_rollback() { ota_status | grep -q '"rolled_back"'; }
-# hub_ota_has WORD...: the hub's view of the store's updates mentions every WORD (any case).
+# has_event JSON_LIST_PATH EVENT VERSION [reason]: the JSON on stdin has, in the list at
+# JSON_LIST_PATH (dot-separated keys), an entry with that event and version (and a reason).
+has_event() {
+    python3 -c '
+import json, sys
+path, event, version, need_reason = sys.argv[1], sys.argv[2], sys.argv[3], len(sys.argv) > 4
+doc = json.load(sys.stdin)
+for key in path.split("."):
+    doc = (doc or {}).get(key)
+ok = any(e.get("event") == event and e.get("version") == version and (e.get("reason") or not need_reason)
+         for e in doc or [])
+sys.exit(0 if ok else 1)' "$@"
+}
+box_has_rollback() { ota_status | has_event events rolled_back v4 reason; }
+# hub_ota_has EVENT VERSION [reason]: the hub's view of the store has that report.
 hub_ota_has() {
-    local body w
-    body=$(hub_call GET "/admin/v1/stores/$STORE/ota" 2>/dev/null) || return 1
-    for w in "$@"; do grep -qiF -- "$w" <<<"$body" || return 1; done
+    hub_call GET "/admin/v1/stores/$STORE/ota" 2>/dev/null | has_event reports "$@"
 }
 
 ota_scenarios() {
@@ -236,14 +249,10 @@ ota_scenarios() {
     wait_boot A "the fallback to v3"
     ota_healthy A v3
     ota_log "d. rollback: v4 failed three boots, back on v3 after $((SECONDS - t0)) s"
-    wait_for 60 "the box's status to show the rollback" has_rollback
-    ota_log "box: $(ota_status)"
-    ota_status | python3 -c '
-import json, sys
-last = (json.load(sys.stdin) or {}).get("last") or {}
-sys.exit(0 if last.get("event") == "rolled_back" and last.get("version") == "v4" and last.get("reason") else 1)' ||
-        die "the box's status does not report v4 rolled back with a reason"
-    wait_for 120 "the hub to show v4 rolled back" hub_ota_has rolledback v4
+    wait_for 60 "the box's status (GET /v1/status) to report v4 rolled back with a reason" \
+        box_has_rollback
+    ota_log "box: $(ota_status | head -c 600)"
+    wait_for 120 "the hub to show v4 rolled back with a reason" hub_ota_has rolled_back v4 reason
     ota_log "hub: $(hub_call GET "/admin/v1/stores/$STORE/ota" | head -c 600)"
 
     # e. Every sale posted before the updates is at the hub, once.
