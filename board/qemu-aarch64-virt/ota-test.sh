@@ -53,19 +53,20 @@ ota_build() {
         bundle "$v" "$dir/$v.ext4" "$work/www/$v.raucb" || return 1
         rm -f "$dir/$v.ext4"
     done
-    # Refused ones. Tampered: four bytes of v2's payload changed after signing (the signature
-    # and the manifest are intact, only reading the payload shows it).
-    cp "$work/www/v2.raucb" "$work/www/tampered.raucb"
+    # Refused ones, offered while the box runs v2, so each is newer and only what it is
+    # meant to test is wrong. Tampered: four bytes of v3's payload changed after signing (the
+    # signature and the manifest are intact, only reading the payload shows it).
+    cp "$work/www/v3.raucb" "$work/www/tampered.raucb"
     printf '\xde\xad\xbe\xef' |
-        dd of="$work/www/tampered.raucb" bs=1 seek=$(($(stat -c %s "$work/www/v2.raucb") / 3)) \
+        dd of="$work/www/tampered.raucb" bs=1 seek=$(($(stat -c %s "$work/www/v3.raucb") / 3)) \
             conv=notrunc status=none
-    # Another CA: v2 signed by an unrelated development CA the box does not trust.
+    # Another CA: v3 signed by an unrelated development CA the box does not trust.
     "$REPO/board/common/ota-dev/make-dev-keys.sh" "$dir/other-ca" "another CA" || return 1
     printf '%s\n' "[system]" "compatible=$OTA_COMPATIBLE" "bootloader=noop" "[keyring]" \
         "path=$dir/other-ca/dev-ca.crt" "check-purpose=codesign" >"$dir/other-ca/system.conf"
     rauc --conf "$dir/other-ca/system.conf" --keyring "$dir/other-ca/dev-ca.crt" resign \
         --no-verify --cert "$dir/other-ca/dev-signer.crt" --key "$dir/other-ca/dev-signer.key" \
-        "$work/www/v2.raucb" "$work/www/other-ca.raucb" >"$dir/resign.log" 2>&1 || {
+        "$work/www/v3.raucb" "$work/www/other-ca.raucb" >"$dir/resign.log" 2>&1 || {
         cat "$dir/resign.log"; return 1; }
     # Wrong compatible (the Raspberry Pi's), a version above every other: the box must refuse
     # it on its manifest, so its payload is a small file system of no use.
@@ -128,10 +129,11 @@ ota_install() {
 }
 ota_install_done() { console_has "ota-install-rc=" || console_has "storebox: booting slot"; }
 
-# ota_refused NAME WHY: `storebox ota install` of a bundle the box must refuse: non-zero,
-# "storebox: error: ...", no reboot, the boot state as it was.
+# ota_refused NAME WHY WORD: `storebox ota install` of a bundle the box must refuse: non-zero,
+# "storebox: error: ..." naming WORD (so it was refused for that reason), no reboot, the boot
+# state as it was.
 ota_refused() {
-    local name=$1 why=$2 before after out
+    local name=$1 why=$2 word=$3 before after out
     before=$(boot_state)
     RUN_TIMEOUT=$OTA_INSTALL_TIMEOUT
     out=$(run_status O "storebox ota install http://10.0.2.101:8000/$name.raucb")
@@ -141,6 +143,8 @@ ota_refused() {
     grep -q "storebox: error: " <<<"$out" || {
         echo "$out" >&2; die "refusing the $why bundle printed no 'storebox: error:' line"; }
     ota_log "$why: $(grep "storebox: error: " <<<"$out" | tail -n1)"
+    grep "storebox: error: " <<<"$out" | grep -qiF -- "$word" ||
+        die "the $why bundle was refused, but not for that reason (no '$word' in the error)"
     after=$(boot_state)
     [[ $after == "$before" ]] ||
         die "the $why bundle changed the boot state: '$before' became '$after'"
@@ -204,10 +208,10 @@ ota_scenarios() {
 
     # b. Refusals: each leaves the boot state as it was, and no reboot.
     console_mark
-    ota_refused tampered "tampered"
-    ota_refused other-ca "signed by another CA"
-    ota_refused wrong-compatible "wrong compatible"
-    ota_refused v1 "older version (v1 < v2, no --force-downgrade)"
+    ota_refused tampered "tampered" payload
+    ota_refused other-ca "signed by another CA" signature
+    ota_refused wrong-compatible "wrong compatible" storebox-raspberrypi4-64
+    ota_refused v1 "older version (v1 < v2, no --force-downgrade)" v1
     [[ $(booted_slot) == B ]] || die "not on slot B any more after the refusals"
     ota_log "b. four bad bundles refused, boot state unchanged"
 
