@@ -38,6 +38,7 @@ test_cleanup() {
     if [[ -n $keep ]]; then
         mkdir -p "$keep"
         cp "$work"/*.log "$keep/" 2>/dev/null || true
+        cp "$work/hub/hub.log" "$keep/hub.log" 2>/dev/null || true
         mv "$work/disk.img" "$keep/" 2>/dev/null || true
     fi
     rm -rf "$work"
