@@ -908,7 +908,26 @@ fn reboot_now() -> anyhow::Result<()> {
 /// `storebox ota mark-good`: waits for the daemon to be healthy, then marks the booted slot
 /// good. A slot on trial that does not become healthy is rebooted, which costs it one of its
 /// boot attempts; when they run out U-Boot boots the previous slot.
+///
+/// Only a slot on trial fails the command (its unit then reboots, `FailureAction=reboot`, as
+/// it does when this binary cannot run at all): on a slot marked good before, a problem is
+/// reported and the slot left unmarked, since falling back to an older release would not
+/// help the shop with, say, a full disk.
 pub fn mark_good(config_path: &Path) -> anyhow::Result<()> {
+    let mut trial = false;
+    match mark_good_checked(config_path, &mut trial) {
+        Err(e) if !trial => {
+            eprintln!(
+                "storebox: warning: {e:#} (this slot is not on trial: it is left as it is, \
+                 not rebooted)"
+            );
+            Ok(())
+        }
+        outcome => outcome,
+    }
+}
+
+fn mark_good_checked(config_path: &Path, on_trial: &mut bool) -> anyhow::Result<()> {
     let loaded = crate::config::BoxConfig::load(config_path);
     let (data_dir, settings) = match &loaded {
         Ok(c) => (c.data_dir.clone(), c.ota_settings()?),
@@ -921,6 +940,7 @@ pub fn mark_good(config_path: &Path) -> anyhow::Result<()> {
     let image = Image::read(&settings);
     let boot = boot_id();
     let trial = read_state(&paths).on_trial(&image, &boot);
+    *on_trial = trial;
     if trial {
         with_state(&paths, |s| s.phase = Phase::Trial)?;
     }
