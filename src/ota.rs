@@ -689,18 +689,20 @@ pub fn check_bundle(
 pub fn apply(config: &crate::config::BoxConfig, reboot: bool) -> anyhow::Result<()> {
     let settings = config.ota_settings()?;
     let paths = Paths::new(&config.data_dir);
-    let request: Request = match std::fs::read(paths.request()) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading {}", paths.request().display()))?,
+    let bytes = match std::fs::read(paths.request()) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             println!("no install request");
             return Ok(());
         }
         Err(e) => return Err(e).context(format!("reading {}", paths.request().display())),
     };
-    // Taken before anything else: the path unit must not start again on the same request.
+    // Taken before anything else, even a request that does not parse: the path unit must
+    // not start again on the same request.
     std::fs::remove_file(paths.request())
         .with_context(|| format!("removing {}", paths.request().display()))?;
+    let request: Request = serde_json::from_slice(&bytes)
+        .with_context(|| format!("reading {}", paths.request().display()))?;
     let image = Image::read(&settings);
     let started = now_ms();
     with_state(&paths, |s| {
