@@ -194,6 +194,41 @@ pub struct HubConfig {
     /// Cap on what the box receives from the hub, in the same form.
     #[serde(default = "default_off")]
     pub download_cap: String,
+    /// Link sharing (`docs/LINK.md`): "auto" (the default) keeps the queueing delay the
+    /// box adds on the shop's line under 5 ms; a delay such as "10ms" sets that target;
+    /// "off" for a line of the box's own.
+    #[serde(default = "default_link_sharing")]
+    pub link_sharing: String,
+}
+
+fn default_link_sharing() -> String {
+    "auto".into()
+}
+
+/// Parses `[hub] link_sharing`: None for "off".
+pub fn parse_link_sharing(
+    text: &str,
+) -> Result<Option<crate::sync::sharing::SharingParams>, String> {
+    let defaults = crate::sync::sharing::SharingParams::default();
+    match text.trim() {
+        "off" => Ok(None),
+        "auto" => Ok(Some(defaults)),
+        other => {
+            let target = parse_millis(other)
+                .filter(|d| other.ends_with("ms") && !d.is_zero())
+                .ok_or_else(|| {
+                    format!("{other:?} is not \"auto\", \"off\" or a delay like \"5ms\"")
+                })?;
+            if !(Duration::from_millis(2)..=Duration::from_millis(100)).contains(&target) {
+                return Err(format!("{other:?}: the delay must be from 2ms to 100ms"));
+            }
+            Ok(Some(crate::sync::sharing::SharingParams {
+                yield_above: target,
+                grow_below: target.mul_f64(0.4),
+                ..defaults
+            }))
+        }
+    }
 }
 
 /// The till-facing listener.
@@ -490,6 +525,8 @@ impl BoxConfig {
                 .map_err(|e| anyhow::anyhow!("[hub] upload_cap: {e}"))?,
             download_rate: parse_rate(&self.hub.download_cap)
                 .map_err(|e| anyhow::anyhow!("[hub] download_cap: {e}"))?,
+            sharing: parse_link_sharing(&self.hub.link_sharing)
+                .map_err(|e| anyhow::anyhow!("[hub] link_sharing: {e}"))?,
         })
     }
 
