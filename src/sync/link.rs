@@ -580,7 +580,12 @@ impl HubLink {
         };
         let tcp = match &self.sharing {
             None => TcpStream::connect(&addr).await.map_err(connect_error)?,
-            Some(_) => connect_sized(&addr).await.map_err(connect_error)?,
+            Some(shared) => connect_sized(
+                &addr,
+                sharing::first_window(&shared.memory(), &shared.params),
+            )
+            .await
+            .map_err(connect_error)?,
         };
         let _ = tcp.set_nodelay(true);
         let sharing = match &self.sharing {
@@ -702,6 +707,18 @@ struct SharingShared {
     memory: std::sync::Mutex<Option<(sharing::Memory, tokio::time::Instant)>>,
 }
 
+impl SharingShared {
+    /// What earlier connections learned of the line, when recent enough.
+    fn memory(&self) -> sharing::Memory {
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|(_, at)| at.elapsed() < MEMORY_KEPT)
+            .map(|(m, _)| m)
+            .unwrap_or_default()
+    }
+}
+
 /// How long what a connection learned of the line is trusted by the next one.
 const MEMORY_KEPT: Duration = Duration::from_secs(600);
 
@@ -712,10 +729,11 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 const ACTIVE_FOR: Duration = Duration::from_millis(500);
 
 /// Opens a TCP connection to `addr` (each of its addresses in turn) with a receive buffer
-/// set before connecting: the window scale is chosen at the handshake from it, so the
-/// clamped window can be set to the byte, and the kernel's buffer auto-tuning (which would
-/// open the window to megabytes) stays off.
-async fn connect_sized(addr: &str) -> std::io::Result<TcpStream> {
+/// of `first_window` set before connecting: the kernel offers the whole buffer in the
+/// handshake and never takes an offer back, so this is what keeps the hub's first flight
+/// from flooding the line; it also leaves the window scale at zero, so the window clamp
+/// holds to the byte.
+async fn connect_sized(addr: &str, first_window: u32) -> std::io::Result<TcpStream> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
         let socket = if a.is_ipv4() {
@@ -723,7 +741,7 @@ async fn connect_sized(addr: &str) -> std::io::Result<TcpStream> {
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        socket.set_recv_buffer_size(2 * sharing::MAX_WINDOW)?;
+        socket.set_recv_buffer_size(first_window)?;
         match socket.connect(a).await {
             Ok(tcp) => return Ok(tcp),
             Err(e) => last = Some(e),
@@ -751,6 +769,7 @@ struct ConnSharing {
     last_shared: tokio::time::Instant,
     /// The window clamp set on the socket.
     window: u32,
+    trace: Option<std::fs::File>,
 }
 
 impl ConnSharing {
@@ -762,16 +781,14 @@ impl ConnSharing {
         use std::os::fd::AsFd;
         let now = tokio::time::Instant::now();
         let info = super::tcp::tcp_info(tcp.as_fd())?;
-        let memory = shared
-            .memory
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .filter(|(_, at)| at.elapsed() < MEMORY_KEPT)
-            .map(|(m, _)| m)
-            .unwrap_or_default();
-        let meter = Meter::new(shared.params.clone(), &memory, &info, Duration::ZERO);
+        let meter = Meter::new(
+            shared.params.clone(),
+            &shared.memory(),
+            &info,
+            Duration::ZERO,
+        );
         let window = meter.targets().window;
-        super::tcp::set_window_clamp(tcp.as_fd(), window)?;
+        apply_window(tcp, window)?;
         tracing::debug!(
             "link sharing: base RTT {} us, window {window} B, upload {:.0} B/s",
             meter.snapshot().base_rtt_us,
@@ -789,6 +806,13 @@ impl ConnSharing {
             active_until: now + ACTIVE_FOR,
             last_shared: now,
             window,
+            trace: std::env::var_os("STOREBOX_SHARING_TRACE").and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            }),
         })
     }
 
@@ -808,13 +832,27 @@ impl ConnSharing {
             return;
         };
         let at = self.since_open(now);
+        if let Some(f) = self.trace.as_mut() {
+            use std::io::Write as _;
+            let snap = self.meter.snapshot();
+            let _ = writeln!(
+                f,
+                "{:.4} rcv_rtt {} rtt {} min {} rx {} acked {} unacked {} notsent {} qd {} qu {} win {} up {} down {} lines {} {} ooo {} retr {}",
+                at.as_secs_f64(), info.rcv_rtt_us, info.rtt_us, info.min_rtt_us, info.bytes_received,
+                info.bytes_acked, info.unacked, info.notsent_bytes, snap.queue_down_us, snap.queue_up_us,
+                snap.window, snap.upload_rate, snap.download_rate, snap.download_line, snap.upload_line,
+                info.rcv_ooopack, info.total_retrans
+            );
+        }
         if let Some(targets) = self.meter.observe(at, &info) {
-            if targets.window != self.window
-                && super::tcp::set_window_clamp(tcp.as_fd(), targets.window).is_ok()
-            {
+            if targets.window != self.window && apply_window(tcp, targets.window).is_ok() {
                 self.window = targets.window;
             }
         }
+        // The kernel resets the clamp to its buffer's size when it re-estimates the
+        // overhead of its buffers (as packets of other sizes arrive): set it again each
+        // time (the same value again is a no-op for the kernel).
+        let _ = super::tcp::set_window_clamp(tcp.as_fd(), self.window);
         if now.duration_since(self.last_shared) >= Duration::from_millis(100) {
             self.last_shared = now;
             self.publish(now);
@@ -832,6 +870,15 @@ impl Drop for ConnSharing {
     fn drop(&mut self) {
         self.publish(tokio::time::Instant::now());
     }
+}
+
+/// Sets the receive window: the clamp, and a receive buffer of twice the window (room for
+/// what the box has not read yet; and what the kernel resets the clamp to, now and then, is
+/// then not far above it).
+fn apply_window(tcp: &TcpStream, window: u32) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    socket2::SockRef::from(tcp).set_recv_buffer_size(2 * window as usize)?;
+    super::tcp::set_window_clamp(tcp.as_fd(), window)
 }
 
 /// The connection's socket: counts the bytes crossing it and, with link sharing on, paces
@@ -900,7 +947,7 @@ impl AsyncWrite for Counted {
                 let Some(wait) = s.pacer.wait(at, rate, s.meter.mss()) else {
                     break;
                 };
-                s.meter.backlogged();
+                s.meter.backlogged(at);
                 let pace = s
                     .pace
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + wait)));

@@ -66,9 +66,23 @@ impl Default for SharingParams {
 /// timestamps, and the Ethernet header a modem's shaper counts.
 pub const PACKET_OVERHEAD: usize = 20 + 32 + 14;
 
-/// The largest receive window the controller opens: the receive buffer asked for before
-/// connecting is twice this, which also sets the window scale.
-pub const MAX_WINDOW: u32 = 256 * 1024;
+/// The largest receive window the controller opens. The box asks for a receive buffer of
+/// about the first window before connecting, so the first window the hub sees is small (the
+/// kernel offers the whole buffer at the handshake and never takes an offer back): that
+/// leaves the window scale at zero, and the window at most 64 KiB, a bandwidth-delay product
+/// of 17 Mbit/s at a 30 ms RTT, 50 Mbit/s at 10 ms.
+pub const MAX_WINDOW: u32 = 65_535;
+
+/// The first receive window of a connection: the settled window when the line is known,
+/// else four segments.
+pub fn first_window(memory: &Memory, params: &SharingParams) -> u32 {
+    const SEGMENT: f64 = 1448.0;
+    let window = match (memory.download_line, memory.base_rtt) {
+        (Some(line), Some(base)) => line * params.headroom * base.as_secs_f64() + SEGMENT,
+        _ => 4.0 * SEGMENT,
+    };
+    (window as u32).clamp(2 * SEGMENT as u32, MAX_WINDOW)
+}
 
 /// What a decision was, for the logs and the tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +104,7 @@ pub struct RateControl {
     /// Highest delivery rate measured with a queue standing: the line's size when nothing
     /// else used it (0: not known yet).
     line: f64,
-    /// Startup: no queue seen yet; the rate grows by a fifth per epoch.
+    /// Startup: the line's size not measured yet; the rate grows by a fifth per epoch.
     startup: bool,
     epoch: Epoch,
     /// After a cut, until its effect can show (one round trip), and the queue then.
@@ -99,6 +113,8 @@ pub struct RateControl {
     quiet: u32,
     /// Recent (time, bytes delivered), for the delivery rate over the last round trips.
     deliveries: VecDeque<(Duration, u64)>,
+    /// When the transfer was last held back by the controller.
+    last_limited: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -107,8 +123,10 @@ struct Epoch {
     delivered: u64,
     min_queue: Option<Duration>,
     max_queue: Duration,
-    /// Consecutive samples over `yield_above`.
+    /// Consecutive samples over `yield_above`, over `grow_below`, and all samples.
     over: u32,
+    queued: u32,
+    samples: u32,
     limited: bool,
     loss: bool,
 }
@@ -116,9 +134,9 @@ struct Epoch {
 /// Growth per epoch in startup, recovering towards a known capacity, and probing beyond it.
 const STARTUP_GAIN: f64 = 1.2;
 const RECOVER_GAIN: f64 = 1.15;
-const PROBE_GAIN: f64 = 1.01;
+const PROBE_GAIN: f64 = 1.02;
 /// Quiet epochs at the settled rate before probing above it.
-const PROBE_AFTER: u32 = 8;
+const PROBE_AFTER: u32 = 4;
 /// Samples over the limit that end an epoch early: a queue is building now.
 const OVER_SAMPLES: u32 = 3;
 
@@ -140,6 +158,7 @@ impl RateControl {
             draining: None,
             quiet: 0,
             deliveries: VecDeque::new(),
+            last_limited: None,
         }
     }
 
@@ -162,6 +181,12 @@ impl RateControl {
         let e = &mut self.epoch;
         e.min_queue = Some(e.min_queue.map_or(queue, |m| m.min(queue)));
         e.max_queue = e.max_queue.max(queue);
+        e.samples += 1;
+        if queue >= params.grow_below {
+            e.queued += 1;
+        } else {
+            e.queued = 0;
+        }
         if queue > params.yield_above {
             e.over += 1;
         } else {
@@ -169,10 +194,11 @@ impl RateControl {
         }
     }
 
-    /// The transfer was held back by this controller (a write waited for the pacer, or the
-    /// hub filled the window offered).
-    pub fn limited(&mut self) {
+    /// The transfer was held back by this controller at `now` (a write waited for the
+    /// pacer, or the hub filled the window offered).
+    pub fn limited(&mut self, now: Duration) {
         self.epoch.limited = true;
+        self.last_limited = Some(now);
     }
 
     /// A packet was lost on this direction.
@@ -223,10 +249,24 @@ impl RateControl {
                 ..Epoch::default()
             },
         );
-        let measured = self.delivery_rate(now, (2 * length).max(Duration::from_millis(100)));
+        // What was delivered measures the line only when the controller was what held the
+        // transfer back (else it measures the application).
+        // Over the last round trip: with a queue standing that long, the line was busy all
+        // of it, and what arrived is what it carries.
+        let span = length.max(Duration::from_millis(60));
+        let measured = self.delivery_rate(now, span).filter(|_| {
+            self.last_limited
+                .is_some_and(|t| now.saturating_sub(t) <= span / 2)
+        });
         if let Some((until, _)) = self.draining {
             if now >= until {
                 self.draining = None;
+            }
+        }
+        // Delivered is never more than the line: a measurement above the estimate raises it.
+        if let Some(m) = measured {
+            if !self.startup && self.line > 0.0 && m > self.line {
+                self.line = m;
             }
         }
         let verdict = match epoch.min_queue {
@@ -234,7 +274,17 @@ impl RateControl {
                 self.cut(now, measured, None, length, params);
                 Verdict::Yield
             }
-            Some(q) if q > params.yield_above => match self.draining {
+            // In startup, the first queue ends it: the line is full.
+            Some(q)
+                if self.startup
+                    && epoch.max_queue >= params.grow_below
+                    && q > Duration::ZERO
+                    && epoch.samples >= 2 =>
+            {
+                self.cut(now, measured, Some(q), length, params);
+                Verdict::Yield
+            }
+            Some(q) if q > params.yield_above && epoch.samples >= 2 => match self.draining {
                 // The last cut has not shown yet: wait for it, unless the queue grows on.
                 Some((_, at)) if q <= 2 * at + params.yield_above => Verdict::Hold,
                 _ => {
@@ -266,14 +316,18 @@ impl RateControl {
         length: Duration,
         params: &SharingParams,
     ) {
-        // What the box got through while a queue stood is what the line gives it now; when
-        // the box went at full speed, it is the line's size (which may have shrunk).
-        let got = measured.filter(|m| *m > 0.0).unwrap_or(self.rate);
-        if self.startup {
-            self.line = got;
-        } else if self.rate >= 0.8 * self.line {
-            self.line = got.max(self.line * 0.95);
+        // What the box got through, its allowance in use, while a queue stood is what the
+        // line gives it now; when it went at full speed, that is the line's size (which may
+        // have shrunk). Without a measurement, the cut is from the current rate.
+        let got = measured.filter(|m| *m > 0.0);
+        if let Some(got) = got {
+            if self.startup || self.line == 0.0 {
+                self.line = got;
+            } else if self.rate >= 0.8 * self.line {
+                self.line = got.max(self.line * 0.95);
+            }
         }
+        self.startup = false;
         let scale = match queue {
             // Back to the target, in proportion to the excess: a few hundred ms of someone
             // else's queue takes the box to a fifth at once.
@@ -283,8 +337,8 @@ impl RateControl {
             }
             None => 0.7,
         };
-        self.rate = (got.min(self.rate) * params.headroom * scale).clamp(self.floor, self.ceiling);
-        self.startup = false;
+        let from = got.map_or(self.rate, |g| g.min(self.rate));
+        self.rate = (from * params.headroom * scale).clamp(self.floor, self.ceiling);
         let q = queue.unwrap_or(Duration::ZERO);
         self.draining = Some((now + length + q, q));
         self.quiet = 0;
@@ -294,6 +348,9 @@ impl RateControl {
         let settled = params.headroom * self.line;
         let gain = if self.startup {
             STARTUP_GAIN
+        } else if self.line == 0.0 {
+            // Out of startup without a measurement: slowly, until the next queue measures.
+            1.05
         } else if self.rate < settled * 0.98 {
             RECOVER_GAIN
         } else if self.quiet >= PROBE_AFTER {
@@ -430,8 +487,11 @@ pub struct Meter {
     params: SharingParams,
     mss: usize,
     rcv_mss: usize,
-    /// The box's writes: (end offset in bytes written, when), to time each ACK.
-    writes: VecDeque<(u64, Duration)>,
+    /// The box's writes: (end offset in bytes written, when, part of a paced stream), to
+    /// time each ACK.
+    writes: VecDeque<(u64, Duration, bool)>,
+    /// When a write last waited for the pacer.
+    last_wait: Option<Duration>,
     written: u64,
     /// `bytes_acked` when the connection opened (the SYN may count).
     acked_base: u64,
@@ -445,8 +505,6 @@ pub struct Meter {
     /// Writes waited for the pacer since the last reading.
     backlogged: bool,
     window: u32,
-    /// When the last upload rate sample was taken from the box's own writes.
-    uploading_until: Duration,
 }
 
 /// How long a base RTT is remembered.
@@ -509,7 +567,7 @@ impl Meter {
             down,
             backlogged: false,
             window: 0,
-            uploading_until: Duration::ZERO,
+            last_wait: None,
         };
         meter.window = meter.window_for(meter.down.rate());
         meter
@@ -545,12 +603,19 @@ impl Meter {
         if self.writes.len() >= 4096 {
             self.writes.pop_front();
         }
-        self.writes.push_back((self.written, now));
+        // Part of a paced stream: the hub acknowledges every other segment at once. A lone
+        // write's ACK may wait for the hub's delayed-ACK timer or its answer, and time the
+        // hub rather than the line.
+        let bulk = self
+            .last_wait
+            .is_some_and(|w| now.saturating_sub(w) < Duration::from_millis(50));
+        self.writes.push_back((self.written, now, bulk));
     }
 
     /// A write waited for the pacer.
-    pub fn backlogged(&mut self) {
+    pub fn backlogged(&mut self, now: Duration) {
         self.backlogged = true;
+        self.last_wait = Some(now);
     }
 
     /// A `TCP_INFO` reading at `now`: updates both directions; answers the targets when
@@ -561,35 +626,28 @@ impl Meter {
         self.last = *info;
         let params = self.params.clone();
 
-        // The box's own writes, timed from write to ACK: a precise RTT sample per ACK.
+        // Uploads: the box's own paced writes, timed from write to ACK (the latest segment
+        // an ACK covers): a precise RTT sample per ACK.
         let acked = info.bytes_acked.saturating_sub(self.acked_base);
         let mut snd_sample = None;
-        while let Some(&(end, at)) = self.writes.front() {
+        while let Some(&(end, at, bulk)) = self.writes.front() {
             if end > acked {
                 break;
             }
             self.writes.pop_front();
-            snd_sample = Some(now.saturating_sub(at));
-        }
-        let uploading = self.backlogged || info.notsent_bytes > 0 || info.unacked > 4;
-        if uploading {
-            self.uploading_until = now + Duration::from_millis(200);
+            snd_sample = bulk.then(|| now.saturating_sub(at));
         }
         if let Some(rtt) = snd_sample {
             self.base_snd.add(now, rtt);
             let q = rtt.saturating_sub(self.base());
-            if uploading || now < self.uploading_until {
-                self.queue_up = q;
-                self.up.queue_sample(q, &params);
-            } else {
-                // Small control frames (window updates) while the hub sends: their ACKs
-                // come back behind the hub's data, through the download queue.
-                self.queue_down = q;
-                self.down.queue_sample(q, &params);
-            }
+            self.queue_up = q;
+            self.up.queue_sample(q, &params);
         }
-        // The receiver's own estimate, per ACK it sends: taken while data arrives.
-        if info.bytes_received > last.bytes_received && info.rcv_rtt_us > 0 {
+        // Downloads: the receiver's estimate, per ACK the box sends, from the timestamps
+        // the hub echoes on full-sized segments (1 ms resolution, smoothed, falls at once).
+        if info.bytes_received >= last.bytes_received + u64::from(info.rcv_mss.max(536))
+            && info.rcv_rtt_us > 0
+        {
             let rtt = Duration::from_micros(info.rcv_rtt_us.into());
             self.base_rcv.add(now, rtt);
             let q = rtt.saturating_sub(self.base_rcv.get().unwrap_or(rtt));
@@ -605,7 +663,7 @@ impl Meter {
 
         let base = self.base();
         if std::mem::take(&mut self.backlogged) {
-            self.up.limited();
+            self.up.limited(now);
         }
         // The hub filled most of the window offered during the last RTT: the window is what
         // limits it.
@@ -617,7 +675,7 @@ impl Meter {
                 .saturating_sub(self.down.epoch.delivered) as f64;
             let offered = self.window as f64 * span.as_secs_f64() / rtt.as_secs_f64().max(1e-3);
             if got >= 0.6 * offered {
-                self.down.limited();
+                self.down.limited(now);
             }
         }
         let down_len = (base + self.queue_down).max(MIN_EPOCH);
@@ -763,7 +821,7 @@ mod tests {
             let q = line.step(now, dt, c.rate(), other.contains(&t));
             c.queue_sample(q, &params);
             // Backlogged: a bulk transfer always has more to send than the rate allows.
-            c.limited();
+            c.limited(now);
             c.tick(now, line.delivered_box as u64, line.base + q, &params);
             if std::env::var("SHARING_TRACE").is_ok() && (now.as_millis() % 100 == 0) {
                 eprintln!(
@@ -838,11 +896,12 @@ mod tests {
         assert_eq!(c.rate(), 50_000.0);
         for i in 1..200u64 {
             c.queue_sample(Duration::ZERO, &params);
-            c.limited();
+            c.limited(MS * (i as u32) * 50);
             c.tick(MS * (i as u32) * 50, i * 1000, 40 * MS, &params);
             assert!(c.rate() <= 50_000.0);
         }
         for i in 200..400u64 {
+            c.queue_sample(500 * MS, &params);
             c.queue_sample(500 * MS, &params);
             c.tick(MS * (i as u32) * 50, i * 1000, 40 * MS, &params);
             assert!(c.rate() >= 5_000.0);
@@ -913,7 +972,7 @@ mod tests {
         );
         let w0 = m.targets().window;
         assert!(w0 >= 2 * 1448 && w0 <= 8 * 1448, "{w0}");
-        m.backlogged();
+        m.backlogged(Duration::from_millis(5));
         m.wrote(Duration::from_millis(10), 1448);
         m.wrote(Duration::from_millis(20), 1448);
         let mut later = info;
