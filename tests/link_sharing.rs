@@ -169,7 +169,7 @@ async fn a_download_leaves_the_payment_terminal_its_round_trip() {
     .await;
 
     // The terminal every 50 ms (four times a real one: more samples in a short test).
-    emu.start_tpe(Duration::from_millis(50)).unwrap();
+    emu.start_tpe(Duration::from_millis(50), 1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle = rtts(&emu, wall() - 2.5, wall());
     assert!(idle.len() >= 30, "{} idle round trips", idle.len());
@@ -181,7 +181,7 @@ async fn a_download_leaves_the_payment_terminal_its_round_trip() {
 
     let off = download(&mut emu, &mut sites, "1.0.1", "off", &ota_dir).await;
     let on = download(&mut emu, &mut sites, "1.0.2", "auto", &ota_dir).await;
-    let lost = emu.tpe_server_lost();
+    let lost = emu.tpe_lost(0.0, wall());
     eprintln!(
         "link sharing test: idle p95 {idle_p95:.1} ms; terminal answers lost {lost}; without the controller: p95 {:.1} ms, \
          {:.1} s, {:.0} % of the line; with it: p95 {:.1} ms, {:.1} s, {:.0} % of the line; \

@@ -132,12 +132,18 @@ def tpe_server(args):
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         answer = b"A" * args.answer
         last = None
+        peer = conn.getpeername()[1]
         while read_exact(conn, args.request) is not None:
             conn.sendall(answer)
             counters = tcp_counters(conn)
             if out and counters != last:
                 last = counters
-                out.write(json.dumps({"retrans": counters[0], "dsack": counters[1]}) + "\n")
+                out.write(
+                    json.dumps(
+                        {"t": time.time(), "conn": peer, "retrans": counters[0], "dsack": counters[1]}
+                    )
+                    + "\n"
+                )
 
     serve_forever(args.listen, handle)
 
@@ -149,7 +155,7 @@ def tpe_client(args):
     out = open(args.out, "a", buffering=1)
     request = b"R" * args.request
     period = args.every_ms / 1000.0
-    next_at = time.monotonic()
+    next_at = time.monotonic() + args.offset_ms / 1000.0
     while True:
         now = time.monotonic()
         if next_at > now:
@@ -162,7 +168,9 @@ def tpe_client(args):
         rtt = time.monotonic() - start
         retrans, dsack = tcp_counters(conn)
         out.write(
-            json.dumps({"t": sent_wall, "rtt_ms": rtt * 1000.0, "retrans": retrans, "dsack": dsack})
+            json.dumps(
+                {"id": args.id, "t": sent_wall, "rtt_ms": rtt * 1000.0, "retrans": retrans, "dsack": dsack}
+            )
             + "\n"
         )
         next_at += period
@@ -253,6 +261,8 @@ def main():
     p = sub.add_parser("tpe-client")
     p.add_argument("--connect", required=True)
     p.add_argument("--every-ms", type=float, default=200)
+    p.add_argument("--offset-ms", type=float, default=0)
+    p.add_argument("--id", type=int, default=0)
     p.add_argument("--request", type=int, default=200)
     p.add_argument("--answer", type=int, default=500)
     p.add_argument("--out", required=True)

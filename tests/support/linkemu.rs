@@ -246,6 +246,8 @@ impl Emu {
                 &self.profile.delay_ms.to_string(),
                 "--stats",
                 &self.stats.display().to_string(),
+                "--stats-ms",
+                "20",
             ],
             "relay.log",
         )?;
@@ -414,9 +416,10 @@ impl Emu {
         Ok(())
     }
 
-    /// A payment terminal: its host in "cloud", the terminal in "shop", one 200-byte request
-    /// and 500-byte answer every `every`. Its round trips accumulate in [`Emu::tpe_rounds`].
-    pub fn start_tpe(&mut self, every: Duration) -> Result<(Handle, Handle), String> {
+    /// Payment terminals: their host in "cloud", `count` terminals in "shop", each with one
+    /// 200-byte request and 500-byte answer every `every`, started evenly spread over the
+    /// period. Their round trips accumulate in [`Emu::tpe_rounds`].
+    pub fn start_tpe(&mut self, every: Duration, count: u32) -> Result<(), String> {
         let listen = format!("{CLOUD_IP}:{TPE_PORT}");
         let server_out = self.dir.join("tpe-server.jsonl").display().to_string();
         let server = self.spawn_script(
@@ -424,32 +427,40 @@ impl Emu {
             &["tpe-server", "--listen", &listen, "--out", &server_out],
             "tpe-server.log",
         )?;
-        self.wait_ready(&server, "tpe-server.log", "the terminal's host")?;
+        self.wait_ready(&server, "tpe-server.log", "the terminals' host")?;
         let out = self.dir.join("tpe.jsonl").display().to_string();
         let every_ms = every.as_millis().to_string();
-        let client = self.spawn_script(
-            Site::Shop,
-            &[
-                "tpe-client",
-                "--connect",
-                &listen,
-                "--every-ms",
-                &every_ms,
-                "--out",
-                &out,
-            ],
-            "tpe-client.log",
-        )?;
-        Ok((server, client))
+        for id in 0..count {
+            let offset = (every.as_millis() as u32 * id / count.max(1)).to_string();
+            self.spawn_script(
+                Site::Shop,
+                &[
+                    "tpe-client",
+                    "--connect",
+                    &listen,
+                    "--every-ms",
+                    &every_ms,
+                    "--offset-ms",
+                    &offset,
+                    "--id",
+                    &id.to_string(),
+                    "--out",
+                    &out,
+                ],
+                &format!("tpe-client-{id}.log"),
+            )?;
+        }
+        Ok(())
     }
 
-    /// Every round trip of the terminal so far.
+    /// Every round trip of the terminals so far.
     pub fn tpe_rounds(&self) -> Vec<Round> {
         self.log("tpe.jsonl")
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| {
                 Some(Round {
+                    terminal: v["id"].as_u64().unwrap_or(0),
                     at: v["t"].as_f64()?,
                     rtt_ms: v["rtt_ms"].as_f64()?,
                     retrans: v["retrans"].as_u64()?,
@@ -459,20 +470,44 @@ impl Emu {
             .collect()
     }
 
-    /// Packets of the terminal's host retransmitted so far, less those the terminal had
-    /// already received (D-SACK): answers lost on the way down.
-    pub fn tpe_server_lost(&self) -> u64 {
-        self.log("tpe-server.jsonl")
+    /// Packets the terminals and their host lost between two wall-clock times: their
+    /// retransmissions, less those the other side reported as duplicates (D-SACK).
+    pub fn tpe_lost(&self, from: f64, to: f64) -> u64 {
+        // Per connection: the counter before the window, and its highest value in it.
+        let mut rise: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
+        let mut see = |key: String, at: f64, lost: u64| {
+            let e = rise.entry(key).or_insert((0, None));
+            if at < from {
+                e.0 = e.0.max(lost);
+            } else if at < to {
+                e.1 = Some(e.1.unwrap_or(0).max(lost));
+            }
+        };
+        for r in self.tpe_rounds() {
+            see(
+                format!("t{}", r.terminal),
+                r.at,
+                r.retrans.saturating_sub(r.dsack),
+            );
+        }
+        for v in self
+            .log("tpe-server.jsonl")
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| {
-                v["retrans"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    .saturating_sub(v["dsack"].as_u64().unwrap_or(0))
-            })
-            .max()
-            .unwrap_or(0)
+        {
+            let lost = v["retrans"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(v["dsack"].as_u64().unwrap_or(0));
+            see(
+                format!("s{}", v["conn"]),
+                v["t"].as_f64().unwrap_or(0.0),
+                lost,
+            );
+        }
+        rise.values()
+            .map(|(before, during)| during.map_or(0, |d| d.saturating_sub(*before)))
+            .sum()
     }
 
     /// Another device's bulk transfer, CUBIC with the kernel's default buffers: a download
@@ -502,7 +537,7 @@ impl Emu {
         Ok((server, client))
     }
 
-    /// The relay's counts so far: per sample (every 100 ms), wall time and per flow
+    /// The relay's counts so far: per sample (every 20 ms), wall time and per flow
     /// ("src:port>dst:port") the IP bytes and packets that entered the line.
     pub fn flows(&self) -> Vec<FlowSample> {
         std::fs::read_to_string(&self.stats)
@@ -538,9 +573,10 @@ impl Drop for Emu {
     }
 }
 
-/// One round trip of the terminal.
+/// One round trip of a terminal.
 #[derive(Debug, Clone, Copy)]
 pub struct Round {
+    pub terminal: u64,
     /// Wall-clock time the request left, seconds since the epoch.
     pub at: f64,
     pub rtt_ms: f64,
