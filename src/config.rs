@@ -641,6 +641,21 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
+    fn link_sharing_is_auto_off_or_a_delay() {
+        use super::parse_link_sharing;
+        use std::time::Duration;
+        let auto = parse_link_sharing("auto").unwrap().unwrap();
+        assert_eq!(auto.yield_above, Duration::from_millis(5));
+        assert_eq!(parse_link_sharing("off"), Ok(None));
+        let wide = parse_link_sharing("15ms").unwrap().unwrap();
+        assert_eq!(wide.yield_above, Duration::from_millis(15));
+        assert_eq!(wide.grow_below, Duration::from_millis(6));
+        for bad in ["on", "5", "5s", "0ms", "1ms", "500ms", ""] {
+            assert!(parse_link_sharing(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn rates_read_as_a_line_is_described() {
         use super::parse_rate;
         assert_eq!(parse_rate("off"), Ok(None));

@@ -763,12 +763,10 @@ async fn profile_run(
     } else {
         (Duration::from_secs(3), Duration::from_secs(5))
     };
-    let size = if plan.quick {
-        plan.bundle_bytes
-    } else {
-        // Long enough to outlast the other transfer with the line shared.
-        (f64::from(profile.down_kbit) * 125.0 * (after + lasting).as_secs_f64() * 1.3) as usize
-    };
+    // Long enough to outlast the other transfer, whoever gets the line meanwhile.
+    let size = (f64::from(profile.down_kbit)
+        * 125.0
+        * (after + lasting + Duration::from_secs(6)).as_secs_f64()) as usize;
     let mut competing = Vec::new();
     for (i, variant) in [Variant::On, Variant::Off].into_iter().enumerate() {
         let version = format!("3.0.{}", i + 1);
@@ -828,14 +826,21 @@ async fn profile_run(
     }))
 }
 
-pub async fn run(plan: &Plan) -> anyhow::Result<()> {
+/// Runs the benchmark on both lines, or on those named in `only` ("4/1", "20/2").
+pub async fn run(plan: &Plan, only: &[String]) -> anyhow::Result<()> {
     crate::linkemu::preflight().map_err(|e| anyhow::anyhow!("the line emulator {e}"))?;
     let exe = std::env::current_exe().context("locating the bench executable")?;
     let started_at = chrono::Utc::now();
     let tmp = tempfile::tempdir()?;
     let _ = crate::common::RUN_DIR.set(tmp.path().to_owned());
     let mut profiles = Vec::new();
-    for (i, profile) in [ADSL, VDSL].into_iter().enumerate() {
+    let chosen = |p: &Profile| {
+        only.is_empty()
+            || only
+                .iter()
+                .any(|o| *o == format!("{}/{}", p.down_kbit / 1000, p.up_kbit / 1000))
+    };
+    for (i, profile) in [ADSL, VDSL].into_iter().filter(chosen).enumerate() {
         let bins = Bins {
             hub: sibling(&exe, "storehub")?,
             storebox: sibling(&exe, "storebox")?,

@@ -41,7 +41,7 @@ const USAGE: &str = "usage: bench [core|storage|bandwidth|link] [--quick]
   bandwidth bytes on the shop's link per scenario, through a counting relay (~2 min)
   storage   flash writes, durable ingest against SQLite, lookups against nginx, idle memory
   link      payment terminals while the box syncs on emulated shop lines, controller on/off/
-            capped (as root; ~20 min, --quick ~6 min)
+            capped (as root; ~20 min, --quick ~6 min); `4/1` or `20/2` for one line only
   --quick   shorter runs (core ~40 s, storage ~1 min)
 
 Build first: cargo build --release --workspace --bins
@@ -57,6 +57,7 @@ enum Which {
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
     let mut which = Which::Core;
+    let mut lines = Vec::new();
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
@@ -64,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             "storage" => which = Which::Storage,
             "bandwidth" => which = Which::Bandwidth,
             "link" => which = Which::Link,
+            "4/1" | "20/2" => lines.push(arg.clone()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -91,7 +93,7 @@ fn main() -> anyhow::Result<()> {
                 Which::Core => core_bench::run(&core_bench::Plan::new(quick)).await,
                 Which::Storage => storage::run(&storage::Plan::new(quick)).await,
                 Which::Bandwidth => bandwidth::run().await,
-                Which::Link => link::run(&link::Plan::new(quick)).await,
+                Which::Link => link::run(&link::Plan::new(quick), &lines).await,
             }
         };
         // Returning from here drops the run's future, and with it every process guard.

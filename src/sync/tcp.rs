@@ -41,6 +41,10 @@ pub struct TcpInfo {
     /// order, since the connection opened.
     pub bytes_acked: u64,
     pub bytes_received: u64,
+    /// Segments sent (pure ACKs included) and data segments sent, since the connection
+    /// opened: their difference counts the ACKs this side sent.
+    pub segs_out: u32,
+    pub data_segs_out: u32,
     /// Bytes written by the application and not sent yet.
     pub notsent_bytes: u32,
     /// The kernel's delivery-rate estimate of this side's sends, bytes per second.
@@ -89,6 +93,8 @@ fn decode(buf: &[u8], len: usize) -> TcpInfo {
         total_retrans: u32_at(buf, len, 100),
         bytes_acked: u64_at(buf, len, 120),
         bytes_received: u64_at(buf, len, 128),
+        segs_out: u32_at(buf, len, 136),
+        data_segs_out: u32_at(buf, len, 156),
         notsent_bytes: u32_at(buf, len, 144),
         min_rtt_us: u32_at(buf, len, 148),
         delivery_rate: u64_at(buf, len, 160),
@@ -218,6 +224,10 @@ mod tests {
             "{info:?}"
         );
         assert!(info.rtt_us > 0 && info.min_rtt_us > 0, "{info:?}");
+        assert!(
+            info.segs_out > info.data_segs_out && info.data_segs_out > 0,
+            "{info:?}"
+        );
         assert!(info.min_rtt_us <= info.rtt_us + info.rttvar_us, "{info:?}");
         let server_info = tcp_info(server.as_fd()).expect("tcp_info");
         assert_eq!(server_info.bytes_received, 100_000, "{server_info:?}");
