@@ -10,7 +10,8 @@
 //! are generous (this runs on loaded CI machines); the targets are measured by `bench link`.
 //!
 //! Needs root, iproute2, python3 and /dev/net/tun: without them the test prints why and
-//! passes without running. Every packet stays inside the namespaces it creates; they are
+//! passes without running. `STOREBOX_SHARING_TRACE=FILE` in the test's environment reaches
+//! the box (docs/LINK.md, diagnostics). Every packet stays inside the namespaces it creates; they are
 //! removed when it ends, a panic included.
 
 #![allow(clippy::unwrap_used)]
@@ -93,7 +94,7 @@ async fn download(
         .start_box(
             emu,
             &support::bin("storebox"),
-            &[("STOREBOX_SHARING_TRACE", "/tmp/sharing-trace.log")],
+            &[],
             &format!("box-{version}.log"),
         )
         .unwrap();

@@ -133,12 +133,12 @@ struct Epoch {
     loss: bool,
 }
 
-/// Growth per epoch in startup, recovering towards a known capacity, and probing beyond it.
 /// Startup growth per epoch: downloads (many RTT samples, from the kernel's estimate) and
 /// uploads (one sample per ACK, every other packet: few per epoch on a slow uplink, so a
 /// gentler climb keeps the overshoot small).
 pub const STARTUP_DOWN: f64 = 1.25;
 pub const STARTUP_UP: f64 = 1.1;
+/// Growth per epoch recovering towards the learned line, and probing beyond it.
 const RECOVER_GAIN: f64 = 1.15;
 const PROBE_GAIN: f64 = 1.02;
 /// Quiet epochs at the settled rate before probing above it.
@@ -263,9 +263,9 @@ impl RateControl {
             },
         );
         // What was delivered measures the line only when the controller was what held the
-        // transfer back (else it measures the application).
-        // Over the last two round trips: with a queue standing, the line was busy, and what
-        // arrived is what it carries (two, so bunched ACKs do not count twice).
+        // transfer back (else it measures the application), over the last two round trips:
+        // with a queue standing, the line was busy, and what arrived is what it carries (two,
+        // so bunched ACKs do not count twice).
         let span = (2 * length).max(Duration::from_millis(150));
         let measured = self.delivery_rate(now, span).filter(|_| {
             self.last_limited
