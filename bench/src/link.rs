@@ -845,8 +845,26 @@ pub async fn run(plan: &Plan, only: &[String]) -> anyhow::Result<()> {
             hub: sibling(&exe, "storehub")?,
             storebox: sibling(&exe, "storebox")?,
         };
-        profiles
-            .push(profile_run(bins, profile, plan, &tmp.path().join(format!("line{i}"))).await?);
+        let mut result =
+            profile_run(bins, profile, plan, &tmp.path().join(format!("line{i}"))).await?;
+        result["measured"] = machine_info(chrono::Utc::now());
+        profiles.push(result);
+    }
+    if !only.is_empty() {
+        // One line at a time: the other's figures stay from their own run, with its date
+        // and source.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/link.json");
+        let earlier: Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        for old in earlier["profiles"].as_array().into_iter().flatten() {
+            let name = &old["profile"]["name"];
+            if !profiles.iter().any(|p| p["profile"]["name"] == *name) {
+                profiles.push(old.clone());
+            }
+        }
+        profiles.sort_by_key(|p| p["profile"]["down_kbit"].as_u64().unwrap_or(0));
     }
     let results = json!({
         "machine": machine_info(started_at),
@@ -895,10 +913,15 @@ fn table(r: &Value) -> String {
     for p in r["profiles"].as_array().into_iter().flatten() {
         let idle = &p["idle"];
         t += &format!(
-            "\n## {}\n\nIdle line: terminal round trip p50 {} ms, p95 {} ms, p99 {} ms ({} samples).\n\n\
+            "\n## {}\n\nMeasured {}\nIdle line: terminal round trip p50 {} ms, p95 {} ms, p99 {} ms ({} samples).\n\n\
              | transfer | variant | time (s) | share of the line | TPE p50 (ms) | p95 | p99 | added p95 | added p99 | lost | samples |\n\
              |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             p["profile"]["name"].as_str().unwrap_or("?"),
+            if p["measured"].is_object() {
+                machine_line(&p["measured"])
+            } else {
+                "with the run above.\n".into()
+            },
             idle["tpe_p50_ms"],
             idle["tpe_p95_ms"],
             idle["tpe_p99_ms"],
