@@ -530,8 +530,11 @@ const MIN_EPOCH: Duration = Duration::from_millis(20);
 impl Meter {
     /// A controller for a connection that just opened, `info` read right after `connect`.
     pub fn new(params: SharingParams, memory: &Memory, info: &TcpInfo, now: Duration) -> Meter {
-        let mss = (info.snd_mss as usize).clamp(536, 9000);
-        let rcv_mss = (info.rcv_mss as usize).clamp(536, 9000);
+        // The path's segment size, both ways: the kernel's receive-side estimate starts at
+        // 536 bytes until segments arrive, and a window under one of the hub's segments
+        // would stall it (loopback's are 64 KiB).
+        let mss = (info.snd_mss as usize).clamp(536, 65_535);
+        let rcv_mss = (info.rcv_mss as usize).max(mss).clamp(536, 65_535);
         let handshake =
             (info.min_rtt_us > 0).then(|| Duration::from_micros(info.min_rtt_us.into()));
         let base = match (memory.base_rtt, handshake) {
@@ -547,7 +550,8 @@ impl Meter {
         // RTT up, then startup. With one: the settled rate at once.
         let cap = |c: Option<u64>| c.map_or(f64::MAX, |c| c as f64);
         let down_floor = (2 * rcv_mss) as f64 / secs.max(0.02);
-        let up_floor = 4_000.0f64;
+        // Four segments a second, at least 4 KB/s: a few percent of the slowest uplink.
+        let up_floor = (4 * mss).max(4_000) as f64;
         let down = RateControl::new(
             memory
                 .download_line
@@ -611,7 +615,8 @@ impl Meter {
             r.min(self.base() + Duration::from_millis(2))
         });
         let w = rate * base.as_secs_f64() + self.rcv_mss as f64;
-        (w as u32).clamp(2 * self.rcv_mss as u32, MAX_WINDOW)
+        let floor = (2 * self.rcv_mss as u32).min(MAX_WINDOW);
+        (w as u32).clamp(floor, MAX_WINDOW)
     }
 
     /// The box wrote `n` bytes at `now`.
