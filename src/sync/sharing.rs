@@ -108,6 +108,8 @@ pub struct RateControl {
     /// epoch.
     startup: bool,
     startup_gain: f64,
+    /// Startup also ends on three samples in a row over `grow_below`.
+    exit_on_run: bool,
     epoch: Epoch,
     /// After a cut, until its effect can show (one round trip), and the queue then.
     draining: Option<(Duration, Duration)>,
@@ -153,6 +155,7 @@ impl RateControl {
         let ceiling = ceiling.max(floor);
         RateControl {
             startup_gain: STARTUP_DOWN,
+            exit_on_run: false,
             rate: rate.clamp(floor, ceiling),
             floor,
             ceiling,
@@ -169,9 +172,11 @@ impl RateControl {
         }
     }
 
-    /// The same, growing by `gain` per epoch in startup.
-    pub fn with_startup_gain(mut self, gain: f64) -> Self {
+    /// The same, growing by `gain` per epoch in startup, which also ends on three samples
+    /// in a row over `grow_below` (for precise samples).
+    pub fn with_gentle_startup(mut self, gain: f64) -> Self {
         self.startup_gain = gain;
+        self.exit_on_run = true;
         self
     }
 
@@ -287,11 +292,14 @@ impl RateControl {
                 self.cut(now, measured, None, length, params);
                 Verdict::Yield
             }
-            // In startup, the first standing queue (a whole epoch, or three samples in a row)
-            // ends it: the line is full, and what arrived meanwhile is its size.
+            // In startup, the first standing queue ends it: the line is full, and what arrived
+            // meanwhile is its size. A whole epoch of it, or for uploads (precise samples of
+            // paced packets, few per epoch) three samples in a row; a download's samples
+            // also see the hub's bursts.
             Some(q)
                 if self.startup
-                    && ((q >= params.grow_below && epoch.samples >= 2) || epoch.queued >= 3) =>
+                    && ((q >= params.grow_below && epoch.samples >= 2)
+                        || (self.exit_on_run && epoch.queued >= 3)) =>
             {
                 self.cut(now, measured, Some(q), length, params);
                 Verdict::Yield
@@ -570,7 +578,7 @@ impl Meter {
             memory.upload_line,
             now,
         )
-        .with_startup_gain(STARTUP_UP);
+        .with_gentle_startup(STARTUP_UP);
         let mut meter = Meter {
             params,
             mss,
