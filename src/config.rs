@@ -194,6 +194,41 @@ pub struct HubConfig {
     /// Cap on what the box receives from the hub, in the same form.
     #[serde(default = "default_off")]
     pub download_cap: String,
+    /// Link sharing (`docs/LINK.md`): "auto" (the default) keeps the queueing delay the
+    /// box adds on the shop's line under 5 ms; a delay such as "10ms" sets that target;
+    /// "off" for a line of the box's own.
+    #[serde(default = "default_link_sharing")]
+    pub link_sharing: String,
+}
+
+fn default_link_sharing() -> String {
+    "auto".into()
+}
+
+/// Parses `[hub] link_sharing`: None for "off".
+pub fn parse_link_sharing(
+    text: &str,
+) -> Result<Option<crate::sync::sharing::SharingParams>, String> {
+    let defaults = crate::sync::sharing::SharingParams::default();
+    match text.trim() {
+        "off" => Ok(None),
+        "auto" => Ok(Some(defaults)),
+        other => {
+            let target = parse_millis(other)
+                .filter(|d| other.ends_with("ms") && !d.is_zero())
+                .ok_or_else(|| {
+                    format!("{other:?} is not \"auto\", \"off\" or a delay like \"5ms\"")
+                })?;
+            if !(Duration::from_millis(2)..=Duration::from_millis(100)).contains(&target) {
+                return Err(format!("{other:?}: the delay must be from 2ms to 100ms"));
+            }
+            Ok(Some(crate::sync::sharing::SharingParams {
+                yield_above: target,
+                grow_below: target.mul_f64(0.4),
+                ..defaults
+            }))
+        }
+    }
 }
 
 /// The till-facing listener.
@@ -490,6 +525,8 @@ impl BoxConfig {
                 .map_err(|e| anyhow::anyhow!("[hub] upload_cap: {e}"))?,
             download_rate: parse_rate(&self.hub.download_cap)
                 .map_err(|e| anyhow::anyhow!("[hub] download_cap: {e}"))?,
+            sharing: parse_link_sharing(&self.hub.link_sharing)
+                .map_err(|e| anyhow::anyhow!("[hub] link_sharing: {e}"))?,
         })
     }
 
@@ -603,6 +640,21 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn link_sharing_is_auto_off_or_a_delay() {
+        use super::parse_link_sharing;
+        use std::time::Duration;
+        let auto = parse_link_sharing("auto").unwrap().unwrap();
+        assert_eq!(auto.yield_above, Duration::from_millis(5));
+        assert_eq!(parse_link_sharing("off"), Ok(None));
+        let wide = parse_link_sharing("15ms").unwrap().unwrap();
+        assert_eq!(wide.yield_above, Duration::from_millis(15));
+        assert_eq!(wide.grow_below, Duration::from_millis(6));
+        for bad in ["on", "5", "5s", "0ms", "1ms", "500ms", ""] {
+            assert!(parse_link_sharing(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn rates_read_as_a_line_is_described() {
         use super::parse_rate;

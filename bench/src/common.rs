@@ -255,6 +255,11 @@ impl Hub {
 /// `Authorization` value of the box's paired bench token (set when the box is spawned).
 static BENCH_AUTH: Mutex<String> = Mutex::new(String::new());
 
+/// Sets the token [`bench_auth`] answers (a box paired by the caller).
+pub fn set_bench_auth(token: &str) {
+    *BENCH_AUTH.lock().unwrap_or_else(PoisonError::into_inner) = format!("Bearer {token}");
+}
+
 pub fn bench_auth() -> String {
     BENCH_AUTH
         .lock()

@@ -6,6 +6,7 @@
 //! cargo build --release --workspace --bins
 //! cargo run --release -p storebox-bench -- [core] [--quick]    # the default
 //! cargo run --release -p storebox-bench -- storage [--quick]
+//! cargo run --release -p storebox-bench -- link [--quick]       # as root
 //! ```
 //!
 //! - `core` ([`core_bench`]): cold full sync and delta on the wire, durable activity against a naive
@@ -16,43 +17,55 @@
 //! - `storage` ([`storage`]): what the box costs the flash and how it holds up under tills,
 //!   against SQLite (durable ingest) and nginx (static lookups). Results in
 //!   `bench/results/storage.{json,md}`.
+//! - `link` ([`link`]): payment terminals' round trips while the box syncs over emulated
+//!   shop lines (network namespaces, tbf, a delay relay), with the link-sharing controller
+//!   on, off, and fixed caps instead. Needs root. Results in `bench/results/link.{json,md}`.
 //!
 //! Every child process is killed when the run ends, fails, panics or is interrupted.
 
 mod bandwidth;
 mod common;
 mod core_bench;
+mod link;
+#[path = "../../tests/support/linkemu.rs"]
+mod linkemu;
 mod storage;
 
 use anyhow::bail;
 
 use crate::common::{kill_all_children, RUN_DIR};
 
-const USAGE: &str = "usage: bench [core|storage|bandwidth] [--quick]
+const USAGE: &str = "usage: bench [core|storage|bandwidth|link] [--quick]
 
   core      the core figures (default): sync on the wire, activity, lookups, footprint
   bandwidth bytes on the shop's link per scenario, through a counting relay (~2 min)
   storage   flash writes, durable ingest against SQLite, lookups against nginx, idle memory
+  link      payment terminals while the box syncs on emulated shop lines, controller on/off/
+            capped (as root; ~20 min, --quick ~6 min); `4/1` or `20/2` for one line only
   --quick   shorter runs (core ~40 s, storage ~1 min)
 
 Build first: cargo build --release --workspace --bins
-Then: cargo run --release -p storebox-bench -- [core|storage] [--quick]";
+Then: cargo run --release -p storebox-bench -- [core|storage|bandwidth|link] [--quick]";
 
 enum Which {
     Core,
     Storage,
     Bandwidth,
+    Link,
 }
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
     let mut which = Which::Core;
+    let mut lines = Vec::new();
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
             "core" => which = Which::Core,
             "storage" => which = Which::Storage,
             "bandwidth" => which = Which::Bandwidth,
+            "link" => which = Which::Link,
+            "4/1" | "20/2" => lines.push(arg.clone()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -80,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                 Which::Core => core_bench::run(&core_bench::Plan::new(quick)).await,
                 Which::Storage => storage::run(&storage::Plan::new(quick)).await,
                 Which::Bandwidth => bandwidth::run().await,
+                Which::Link => link::run(&link::Plan::new(quick), &lines).await,
             }
         };
         // Returning from here drops the run's future, and with it every process guard.

@@ -13,6 +13,14 @@
 //!
 //! Shaping: optional upload and download caps, token buckets over the body streams, served
 //! in priority order: activity push first, then delta pull, then full sync.
+//!
+//! Link sharing (on by default, [`super::sharing`]): the socket itself is sized and paced so
+//! the shop's line never queues more than a few milliseconds of the box's traffic. Before
+//! connecting, the box asks for a receive buffer that fixes a fine window scale; then the
+//! receive window is clamped to what the controller allows, and every write to the socket
+//! is one segment, spaced by the controller's upload rate. [`Counted`] does both: it sees
+//! every byte of the connection, reads `TCP_INFO` every few milliseconds while bytes move,
+//! and feeds the controller. The caps above stay as ceilings.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -33,6 +41,8 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
+
+use super::sharing::{self, Meter, Pacer, SharingParams};
 
 use storebox_protocol as proto;
 
@@ -121,6 +131,8 @@ pub struct WireStats {
     pub processes: [ProcessBytes; 5],
     /// Payload bytes received per module.
     pub modules: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// The link-sharing controller of the current connection, when it is on.
+    pub sharing: std::sync::Mutex<Option<sharing::Snapshot>>,
 }
 
 impl WireStats {
@@ -218,6 +230,8 @@ pub struct LinkSettings {
     pub upload_rate: Option<u64>,
     /// Download cap in bytes per second.
     pub download_rate: Option<u64>,
+    /// The link-sharing controller's settings; None: off (`[hub] link_sharing = "off"`).
+    pub sharing: Option<SharingParams>,
 }
 
 /// Where and how to reach the hub; shared by the links of all processes.
@@ -283,6 +297,9 @@ pub struct HubLink {
     pub wire: Arc<WireStats>,
     upload: Option<Arc<Shaper>>,
     download: Option<Arc<Shaper>>,
+    /// The link-sharing controller's settings and what it learned of the line, kept from
+    /// one connection to the next.
+    sharing: Option<Arc<SharingShared>>,
     /// Consecutive failed connection attempts, and when the next one may start.
     reconnect: std::sync::Mutex<(u32, Option<tokio::time::Instant>)>,
 }
@@ -298,6 +315,14 @@ impl HubLink {
             wire: Arc::new(WireStats::default()),
             upload: settings.upload_rate.map(Shaper::new),
             download: settings.download_rate.map(Shaper::new),
+            sharing: settings.sharing.clone().map(|mut params| {
+                params.upload_cap = settings.upload_rate;
+                params.download_cap = settings.download_rate;
+                Arc::new(SharingShared {
+                    params,
+                    memory: std::sync::Mutex::new(None),
+                })
+            }),
             reconnect: std::sync::Mutex::new((0, None)),
         }
     }
@@ -549,16 +574,35 @@ impl HubLink {
 
     async fn connect(&self) -> Result<SendRequest<ShapedBody>, LinkError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
-        let tcp = TcpStream::connect(&addr)
+        let connect_error = |source| LinkError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let tcp = match &self.sharing {
+            None => TcpStream::connect(&addr).await.map_err(connect_error)?,
+            Some(shared) => connect_sized(
+                &addr,
+                sharing::first_window(&shared.memory(), &shared.params),
+            )
             .await
-            .map_err(|source| LinkError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+            .map_err(connect_error)?,
+        };
         let _ = tcp.set_nodelay(true);
+        let sharing = match &self.sharing {
+            Some(shared) => match ConnSharing::start(&tcp, shared.clone(), self.wire.clone()) {
+                Ok(s) => Some(Box::new(s)),
+                Err(e) => {
+                    // A kernel without TCP_INFO: the link works as without link sharing.
+                    tracing::warn!("link sharing is off for this connection: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let counted = Counted {
             inner: tcp,
             bytes: self.wire.clone(),
+            sharing,
         };
         let connector = tokio_rustls::TlsConnector::from(self.target.tls.clone());
         let tls = connector
@@ -582,6 +626,12 @@ impl HubLink {
             builder
                 .initial_stream_window_size(64 * 1024)
                 .initial_connection_window_size(128 * 1024);
+        } else if self.sharing.is_some() {
+            // The TCP window paces the hub; these only bound what the hub may queue in its
+            // own socket ahead of a small answer (a push's), kept over the largest TCP window.
+            builder
+                .initial_stream_window_size(2 * sharing::MAX_WINDOW)
+                .initial_connection_window_size(4 * sharing::MAX_WINDOW);
         }
         let (sender, connection) = builder.handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
@@ -649,10 +699,194 @@ impl hyper::body::Body for ShapedBody {
     }
 }
 
-/// A socket that counts the bytes crossing it.
+/// The link-sharing settings and what the controller learned of the line, shared by the
+/// link's successive connections.
+struct SharingShared {
+    params: SharingParams,
+    /// What the last connection learned, and when.
+    memory: std::sync::Mutex<Option<(sharing::Memory, tokio::time::Instant)>>,
+}
+
+impl SharingShared {
+    /// What earlier connections learned of the line, when recent enough.
+    fn memory(&self) -> sharing::Memory {
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|(_, at)| at.elapsed() < MEMORY_KEPT)
+            .map(|(m, _)| m)
+            .unwrap_or_default()
+    }
+}
+
+/// How long what a connection learned of the line is trusted by the next one.
+const MEMORY_KEPT: Duration = Duration::from_secs(600);
+
+/// How often `TCP_INFO` is read while bytes move (and the controller fed).
+const SAMPLE_EVERY: Duration = Duration::from_millis(2);
+
+/// How long after the last byte moved the controller keeps sampling.
+const ACTIVE_FOR: Duration = Duration::from_millis(500);
+
+/// Opens a TCP connection to `addr` (each of its addresses in turn) with a receive buffer
+/// of `first_window` set before connecting: the kernel offers the whole buffer in the
+/// handshake and never takes an offer back, so this is what keeps the hub's first flight
+/// from flooding the line; it also leaves the window scale at zero, so the window clamp
+/// holds to the byte.
+async fn connect_sized(addr: &str, first_window: u32) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_recv_buffer_size(first_window)?;
+        match socket.connect(a).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the hub")
+    }))
+}
+
+/// One connection's link-sharing state, driven from inside the socket's reads and writes
+/// (so on the connection's own task: no lock, no other task).
+struct ConnSharing {
+    meter: Meter,
+    shared: Arc<SharingShared>,
+    wire: Arc<WireStats>,
+    opened: tokio::time::Instant,
+    pacer: Pacer,
+    /// The pacer's wait before the next write.
+    pace: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The next `TCP_INFO` reading while bytes move.
+    tick: Option<Pin<Box<tokio::time::Sleep>>>,
+    last_sample: tokio::time::Instant,
+    active_until: tokio::time::Instant,
+    last_shared: tokio::time::Instant,
+    /// The window clamp set on the socket.
+    window: u32,
+    trace: Option<std::fs::File>,
+}
+
+impl ConnSharing {
+    fn start(
+        tcp: &TcpStream,
+        shared: Arc<SharingShared>,
+        wire: Arc<WireStats>,
+    ) -> std::io::Result<ConnSharing> {
+        use std::os::fd::AsFd;
+        let now = tokio::time::Instant::now();
+        let info = super::tcp::tcp_info(tcp.as_fd())?;
+        let meter = Meter::new(
+            shared.params.clone(),
+            &shared.memory(),
+            &info,
+            Duration::ZERO,
+        );
+        let window = meter.targets().window;
+        apply_window(tcp, window)?;
+        tracing::debug!(
+            "link sharing: base RTT {} us, window {window} B, upload {:.0} B/s",
+            meter.snapshot().base_rtt_us,
+            meter.targets().upload_rate
+        );
+        Ok(ConnSharing {
+            meter,
+            shared,
+            wire,
+            opened: now,
+            pacer: Pacer::new(Duration::ZERO),
+            pace: None,
+            tick: None,
+            last_sample: now,
+            active_until: now + ACTIVE_FOR,
+            last_shared: now,
+            window,
+            trace: std::env::var_os("STOREBOX_SHARING_TRACE").and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            }),
+        })
+    }
+
+    fn since_open(&self, now: tokio::time::Instant) -> Duration {
+        now.duration_since(self.opened)
+    }
+
+    /// Reads `TCP_INFO` when the last reading is old enough, and applies the controller's
+    /// new window.
+    fn sample(&mut self, tcp: &TcpStream, now: tokio::time::Instant) {
+        use std::os::fd::AsFd;
+        if now.duration_since(self.last_sample) < SAMPLE_EVERY {
+            return;
+        }
+        self.last_sample = now;
+        let Ok(info) = super::tcp::tcp_info(tcp.as_fd()) else {
+            return;
+        };
+        let at = self.since_open(now);
+        if let Some(f) = self.trace.as_mut() {
+            use std::io::Write as _;
+            let snap = self.meter.snapshot();
+            let _ = writeln!(
+                f,
+                "{:.4} rcv_rtt {} rtt {} min {} rx {} acked {} unacked {} notsent {} qd {} qu {} win {} up {} down {} lines {} {} ooo {} retr {}",
+                at.as_secs_f64(), info.rcv_rtt_us, info.rtt_us, info.min_rtt_us, info.bytes_received,
+                info.bytes_acked, info.unacked, info.notsent_bytes, snap.queue_down_us, snap.queue_up_us,
+                snap.window, snap.upload_rate, snap.download_rate, snap.download_line, snap.upload_line,
+                info.rcv_ooopack, info.total_retrans
+            );
+        }
+        if let Some(targets) = self.meter.observe(at, &info) {
+            if targets.window != self.window && apply_window(tcp, targets.window).is_ok() {
+                self.window = targets.window;
+            }
+        }
+        // The kernel resets the clamp to its buffer's size when it re-estimates the
+        // overhead of its buffers (as packets of other sizes arrive): set it again each
+        // time (the same value again is a no-op for the kernel).
+        let _ = super::tcp::set_window_clamp(tcp.as_fd(), self.window);
+        if now.duration_since(self.last_shared) >= Duration::from_millis(100) {
+            self.last_shared = now;
+            self.publish(now);
+        }
+    }
+
+    fn publish(&self, now: tokio::time::Instant) {
+        *self.wire.sharing.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.meter.snapshot());
+        *self.shared.memory.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((self.meter.memory(), now));
+    }
+}
+
+impl Drop for ConnSharing {
+    fn drop(&mut self) {
+        self.publish(tokio::time::Instant::now());
+    }
+}
+
+/// Sets the receive window: the clamp, and a receive buffer of twice the window (room for
+/// what the box has not read yet; and what the kernel resets the clamp to, now and then, is
+/// then not far above it).
+fn apply_window(tcp: &TcpStream, window: u32) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    socket2::SockRef::from(tcp).set_recv_buffer_size(2 * window as usize)?;
+    super::tcp::set_window_clamp(tcp.as_fd(), window)
+}
+
+/// The connection's socket: counts the bytes crossing it and, with link sharing on, paces
+/// every write and drives the controller.
 struct Counted {
     inner: TcpStream,
     bytes: Arc<WireStats>,
+    sharing: Option<Box<ConnSharing>>,
 }
 
 impl AsyncRead for Counted {
@@ -661,13 +895,36 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.bytes
+        this.bytes
             .socket
             .received
             .fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(s) = this.sharing.as_mut() {
+            let now = tokio::time::Instant::now();
+            if n > 0 {
+                s.active_until = now + ACTIVE_FOR;
+            }
+            s.sample(&this.inner, now);
+            if result.is_pending() && now < s.active_until {
+                // Come back in a few milliseconds to read TCP_INFO again: ACKs of the box's
+                // own writes wake nobody, and the window must follow the line as it goes.
+                let at = now + SAMPLE_EVERY;
+                let tick = s
+                    .tick
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if tick.deadline() <= now {
+                    tick.as_mut().reset(at);
+                }
+                if tick.as_mut().poll(cx).is_ready() {
+                    tick.as_mut().reset(now + SAMPLE_EVERY);
+                    let _ = tick.as_mut().poll(cx);
+                }
+            }
+        }
         result
     }
 }
@@ -678,12 +935,42 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let this = &mut *self;
+        let mut len = buf.len();
+        if let Some(s) = this.sharing.as_mut() {
+            // One segment per write, each when the pacer lets it go.
+            loop {
+                let now = tokio::time::Instant::now();
+                s.sample(&this.inner, now);
+                let rate = s.meter.targets().upload_rate;
+                let at = s.since_open(now);
+                let Some(wait) = s.pacer.wait(at, rate, s.meter.mss()) else {
+                    break;
+                };
+                s.meter.backlogged(at);
+                let pace = s
+                    .pace
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + wait)));
+                pace.as_mut().reset(now + wait);
+                if pace.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            len = len.min(s.meter.mss());
+        }
+        let result = Pin::new(&mut this.inner).poll_write(cx, &buf[..len]);
         if let Poll::Ready(Ok(n)) = &result {
-            self.bytes
+            this.bytes
                 .socket
                 .sent
                 .fetch_add(*n as u64, Ordering::Relaxed);
+            if let Some(s) = this.sharing.as_mut() {
+                let now = tokio::time::Instant::now();
+                let at = s.since_open(now);
+                s.pacer.spend(*n, s.meter.mss());
+                s.meter.wrote(at, *n);
+                s.active_until = now + ACTIVE_FOR;
+            }
         }
         result
     }

@@ -20,6 +20,8 @@
 
 pub mod link;
 pub mod plan;
+pub mod sharing;
+pub mod tcp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
