@@ -18,6 +18,45 @@ const MODULES: [&str; 4] = ["config", "catalog", "customers", "promotions"];
 const DELTA_OFF: &str = "[sync]\ndelta_interval = \"off\"\nnotify = false\n";
 
 /// The box's copy of a module, by id, read record by record over the till API.
+/// Runs a scenario twice, as `NAME::embedded` and `NAME::postgres`: the hub on its embedded
+/// database, then on PostgreSQL (tests/support/pg.rs). Same behaviour through both.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::support::{set_backend, Backend};
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    set_backend(Backend::Embedded);
+                    super::$name().await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    set_backend(Backend::Postgres);
+                    super::$name().await
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    cold_full_sync_serves_the_generated_store,
+    the_days_changes_arrive_by_delta,
+    full_sync_repairs_what_the_box_missed,
+    activity_from_concurrent_tills_arrives_once_and_in_order,
+    tills_keep_working_while_the_hub_is_down_and_the_box_catches_up,
+    one_failing_module_does_not_stop_the_others,
+    bad_input_on_the_till_api_gets_documented_errors,
+    bad_input_on_the_admin_api_gets_documented_errors_and_changes_nothing,
+    config_check_validates_without_starting_and_names_bad_keys,
+    full_sync_repairs_a_record_damaged_on_the_box,
+    a_change_on_the_hub_reaches_the_box_by_notification,
+    full_sync_repairs_records_damaged_on_the_box,
+);
+
 async fn box_module(b: &StoreBox, module: &str, ids: &[String]) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     for id in ids {
@@ -36,7 +75,6 @@ fn ids(records: &[Value]) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_full_sync_serves_the_generated_store() {
     let data = storebox_sim::generate_store(SEED);
     let hub = Hub::start(&["shop-a"]).await;
@@ -135,7 +173,6 @@ async fn cold_full_sync_serves_the_generated_store() {
     assert!(hub_status["last_contact"].is_string());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_days_changes_arrive_by_delta() {
     let data = storebox_sim::generate_store(SEED);
     let changes = storebox_sim::day_changes(&data, SEED, 1);
@@ -187,7 +224,6 @@ async fn the_days_changes_arrive_by_delta() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_repairs_what_the_box_missed() {
     let data = storebox_sim::generate_store(SEED);
     let hub = Hub::start(&["shop-c"]).await;
@@ -257,7 +293,6 @@ async fn full_sync_repairs_what_the_box_missed() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_from_concurrent_tills_arrives_once_and_in_order() {
     let hub = Hub::start(&["shop-d"]).await;
     let b = StoreBox::start(&hub, "shop-d", DELTA_OFF).await;
@@ -300,7 +335,6 @@ async fn activity_from_concurrent_tills_arrives_once_and_in_order() {
     assert_eq!(status["activity"]["pushed"], TILLS * SALES);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tills_keep_working_while_the_hub_is_down_and_the_box_catches_up() {
     let data = storebox_sim::generate_store(SEED);
     let mut hub = Hub::start(&["shop-e"]).await;
@@ -364,7 +398,6 @@ async fn tills_keep_working_while_the_hub_is_down_and_the_box_catches_up() {
     assert_eq!(b.status().await["hub"]["state"], "up");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failing_module_does_not_stop_the_others() {
     let data = storebox_sim::generate_store(SEED);
     let hub = Hub::start_with_env(
@@ -430,7 +463,6 @@ async fn one_failing_module_does_not_stop_the_others() {
     assert_eq!(got, p);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_till_api_gets_documented_errors() {
     let hub = Hub::start(&["shop-g"]).await;
     let b = StoreBox::start(&hub, "shop-g", DELTA_OFF).await;
@@ -524,7 +556,6 @@ async fn bad_input_on_the_till_api_gets_documented_errors() {
     assert_eq!(b.status().await["activity"]["pending"], 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_admin_api_gets_documented_errors_and_changes_nothing() {
     let hub = Hub::start(&["shop-h"]).await;
     let base = "/admin/v1/stores/shop-h";
@@ -686,7 +717,6 @@ async fn bad_input_on_the_admin_api_gets_documented_errors_and_changes_nothing()
     assert_eq!(answer, json!({"upserted": 0, "deleted": 1, "unchanged": 1}));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_check_validates_without_starting_and_names_bad_keys() {
     let hub = Hub::start(&["shop-i"]).await;
     let config = hub.box_config("shop-i");
@@ -740,7 +770,6 @@ async fn config_check_validates_without_starting_and_names_bad_keys() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("CA"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_repairs_a_record_damaged_on_the_box() {
     let data = storebox_sim::generate_store(SEED);
     let hub = Hub::start(&["shop-j"]).await;
@@ -780,7 +809,6 @@ async fn full_sync_repairs_a_record_damaged_on_the_box() {
     assert_eq!(&repaired, product);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_on_the_hub_reaches_the_box_by_notification() {
     let data = storebox_sim::generate_store(SEED);
     let hub = Hub::start(&["shop-n"]).await;
@@ -829,7 +857,6 @@ async fn a_change_on_the_hub_reaches_the_box_by_notification() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_repairs_records_damaged_on_the_box() {
     let data = storebox_sim::generate_store(SEED);
     let hub = Hub::start(&["shop-r"]).await;

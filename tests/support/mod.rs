@@ -14,6 +14,10 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::Value;
 
+pub mod pg;
+#[allow(unused_imports)]
+pub use pg::{set_backend, Backend};
+
 /// Path of a binary built by this workspace (storebox, storehub), next to the test's own.
 pub fn bin(name: &str) -> PathBuf {
     let storebox = PathBuf::from(env!("CARGO_BIN_EXE_storebox"));
@@ -227,6 +231,9 @@ pub struct Hub {
     pub token: String,
     pub env: Vec<(String, String)>,
     pub proc: Option<Proc>,
+    /// The hub's PostgreSQL database, when the test runs on that backend; after `proc`, so
+    /// the hub stops before its database goes.
+    pub database: Option<pg::Database>,
 }
 
 impl Hub {
@@ -284,6 +291,25 @@ impl Hub {
             assert_ne!(text, edited, "hub.toml has no cert_lifetime to change");
             std::fs::write(&path, edited).unwrap();
         }
+        let database = (pg::backend() == Backend::Postgres).then(|| {
+            let database = pg::Database::create();
+            let path = dir.path().join("hub.toml");
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text.push_str(&format!("\n[database]\nurl = \"{}\"\n", database.url));
+            std::fs::write(&path, text).unwrap();
+            let out = Command::new(bin("storehub"))
+                .arg("migrate")
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "storehub migrate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            database
+        });
         let mut hub = Hub {
             dir,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
@@ -294,6 +320,7 @@ impl Hub {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             proc: None,
+            database,
         };
         hub.restart().await;
         hub
@@ -371,15 +398,50 @@ impl Hub {
         path: &str,
         body: impl Into<Bytes>,
     ) -> (StatusCode, Value) {
-        let auth = format!("Bearer {}", self.token);
-        call(
-            self.admin,
-            method,
-            path,
-            &[("authorization", auth.as_str())],
-            body,
+        admin_call(self.admin, &self.token, method, path, body).await
+    }
+
+    /// Starts another `storehub serve` on the same setup and database, on ports of its own:
+    /// a replica (PostgreSQL backend only; the embedded database is one process's).
+    pub async fn start_replica(&self) -> Replica {
+        assert!(
+            self.database.is_some(),
+            "replicas need the PostgreSQL backend"
+        );
+        let sync_port = free_port();
+        let admin_port = free_port();
+        let text = std::fs::read_to_string(self.dir.path().join("hub.toml")).unwrap();
+        let edited = text
+            .replace(
+                &format!("127.0.0.1:{}\"", self.sync_port),
+                &format!("127.0.0.1:{sync_port}\""),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"", self.admin.port()),
+                &format!("127.0.0.1:{admin_port}\""),
+            );
+        assert_ne!(text, edited, "hub.toml has no listen addresses to change");
+        let config = self.dir.path().join(format!("hub-{sync_port}.toml"));
+        std::fs::write(&config, edited).unwrap();
+        let mut command = Command::new(bin("storehub"));
+        command.arg("serve").arg("--config").arg(&config);
+        let log = self.dir.path().join(format!("hub-{sync_port}.log"));
+        let replica = Replica {
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            sync_port,
+            token: self.token.clone(),
+            proc: Some(Proc::spawn("storehub", command, log)),
+        };
+        wait_for(
+            "the replica's admin API",
+            Duration::from_secs(20),
+            || async {
+                let (s, _) = replica.try_admin(Method::GET, "/admin/v1/stores").await?;
+                s.is_success().then_some(())
+            },
         )
-        .await
+        .await;
+        replica
     }
 
     /// Imports records into a module; panics unless the hub accepts them.
@@ -426,6 +488,63 @@ impl Hub {
             }
             after = page["next"].as_u64().unwrap();
             out.extend(events);
+        }
+    }
+}
+
+/// An admin call with the admin token.
+async fn admin_call(
+    addr: SocketAddr,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (StatusCode, Value) {
+    let auth = format!("Bearer {token}");
+    call(
+        addr,
+        method,
+        path,
+        &[("authorization", auth.as_str())],
+        body,
+    )
+    .await
+}
+
+/// A second `storehub serve` process of a [`Hub`] (`Hub::start_replica`).
+pub struct Replica {
+    pub admin: SocketAddr,
+    pub sync_port: u16,
+    token: String,
+    pub proc: Option<Proc>,
+}
+
+impl Replica {
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, Value) {
+        admin_call(self.admin, &self.token, method, path, body).await
+    }
+
+    async fn try_admin(&self, method: Method, path: &str) -> Option<(StatusCode, Bytes)> {
+        let auth = format!("Bearer {}", self.token);
+        storebox_http::call(
+            self.admin,
+            method,
+            path,
+            &[("authorization", auth.as_str())],
+            Bytes::new(),
+        )
+        .await
+        .ok()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
 }

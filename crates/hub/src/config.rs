@@ -38,6 +38,34 @@ pub struct HubConfig {
     /// Firmware updates the hub serves to boxes.
     #[serde(default)]
     pub ota: OtaConfig,
+    /// PostgreSQL, for a fleet served by several replicas; without it the hub keeps its
+    /// database in `data_dir` (docs/FLEET.md).
+    #[serde(default)]
+    pub database: Option<DatabaseConfig>,
+}
+
+/// The PostgreSQL database the hub keeps its data in (`store/postgres.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// A libpq-style connection string or URL, e.g. "postgres://storehub@127.0.0.1/storehub".
+    pub url: String,
+    /// Connections this process opens at most; requests beyond wait for a free one.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+impl DatabaseConfig {
+    pub fn connection(&self) -> crate::store::postgres::Connection {
+        crate::store::postgres::Connection {
+            url: self.url.clone(),
+            pool_size: self.pool_size,
+        }
+    }
 }
 
 /// Firmware bundles (`ota.rs`, docs/PROTOCOL.md).
@@ -211,6 +239,16 @@ impl HubConfig {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        if let Some(db) = &self.database {
+            anyhow::ensure!(
+                (1..=1000).contains(&db.pool_size),
+                "[database] pool_size must be between 1 and 1000, not {}",
+                db.pool_size
+            );
+            db.url
+                .parse::<postgres::Config>()
+                .map_err(|e| anyhow::anyhow!("[database] url: {e}"))?;
+        }
         let mut names = BTreeSet::new();
         for module in &self.modules {
             if !storebox_protocol::is_valid_module_name(&module.name) {

@@ -107,6 +107,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
         stores,
         pki: crate::config::PkiConfig::default(),
         ota: crate::config::OtaConfig::default(),
+        database: None,
     };
     // The tokens stay usable for a week: a demo or test setup may be started days later.
     crate::pki::write_initial_state(

@@ -46,6 +46,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Apply the database schema migrations this storehub needs (PostgreSQL backend; run it
+    /// before starting a new version's replicas).
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Make a one-time enrollment token for a store's box (asks the running hub's admin API)
     /// and print it; the technician runs `storebox enroll --token TOKEN` on the box.
     EnrollToken {
@@ -107,6 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(&config),
+        Command::Migrate { config } => migrate(&config),
         Command::EnrollToken { config, store } => enroll_token(&config, &store),
     }
 }
@@ -145,12 +152,47 @@ fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn migrate(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = HubConfig::load(path)?;
+    let Some(database) = &config.database else {
+        println!(
+            "nothing to migrate: {} has no [database]; the embedded database in {} needs no \
+             migration",
+            path.display(),
+            config.data_dir.display()
+        );
+        return Ok(());
+    };
+    let ran = storehub::store::postgres::migrate(&database.connection())?;
+    if ran.is_empty() {
+        println!("the database schema is up to date");
+    }
+    for name in ran {
+        println!("applied {name}");
+    }
+    Ok(())
+}
+
+/// Opens the configured database; for PostgreSQL, also starts listening to the other
+/// replicas' change notifications. Blocking: called before the async runtime starts.
+fn open_store(config: &HubConfig) -> anyhow::Result<HubStore> {
+    let Some(database) = &config.database else {
+        return HubStore::open(&config.data_dir);
+    };
+    let connection = database.connection();
+    let backend = storehub::store::postgres::Postgres::open(connection.clone())?;
+    let watchers = Arc::new(storehub::store::Watchers::default());
+    storehub::store::postgres::listen(connection, watchers.clone())
+        .context("starting the change notification listener")?;
+    Ok(HubStore::with_backend(Box::new(backend), watchers))
+}
+
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = HubConfig::load(path)?;
+    let store = Arc::new(open_store(&config)?);
+    storehub::ota::prepare(&config.ota_dir(), &store)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let store = Arc::new(HubStore::open(&config.data_dir)?);
-        storehub::ota::prepare(&config.ota_dir(), &store)?;
         let token = std::fs::read_to_string(&config.admin.token_file)
             .with_context(|| format!("reading {}", config.admin.token_file.display()))?
             .trim()
@@ -160,11 +202,15 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             "the admin token in {} is shorter than 16 characters",
             config.admin.token_file.display()
         );
-        let pki = storehub::pki::Pki::open(
+        let mut pki = storehub::pki::Pki::open(
             &config.pki.ca_key,
             &config.pki_state(),
             config.cert_lifetime()?,
         )?;
+        if let Some(database) = &config.database {
+            let shared = storehub::store::postgres::SharedPki::new(database.connection());
+            pki = tokio::task::block_in_place(|| pki.with_shared_state(Box::new(shared)))?;
+        }
         storehub::pki::install(Arc::new(pki));
         let tls = storehub::sync_api::tls_acceptor(
             &config.sync.cert,

@@ -106,6 +106,21 @@ struct State {
     /// By certificate fingerprint.
     #[serde(default)]
     issued: BTreeMap<String, Issued>,
+    /// The version of the shared copy this state was read from (replicas; not in the file).
+    #[serde(skip)]
+    version: Option<i64>,
+}
+
+/// Where replicas keep the PKI state they share (the PostgreSQL backend), so that a box
+/// enrolled or renewed through one replica is known to all, and a revocation through one is
+/// refused by all. Each change is written whole, only over the version it was made from.
+pub trait SharedPkiState: Send + Sync {
+    /// The stored state and its version; `None` when none was ever stored.
+    fn load(&self) -> anyhow::Result<Option<(i64, Vec<u8>)>>;
+    /// Stores `bytes` if the stored version is still `version` (`None`: nothing stored);
+    /// the new version, or `None` when another replica changed it first. Tells the other
+    /// replicas, which [`Pki::reload`].
+    fn store(&self, version: Option<i64>, bytes: &[u8]) -> anyhow::Result<Option<i64>>;
 }
 
 /// A certificate just issued.
@@ -125,6 +140,8 @@ pub struct Pki {
     lifetime: Duration,
     path: PathBuf,
     state: Mutex<State>,
+    /// Set on replicas: the state shared through the database, of which `state` is a copy.
+    shared: Option<Box<dyn SharedPkiState>>,
     challenge_key: ring::hmac::Key,
     failures: Mutex<Vec<(String, i64)>>,
 }
@@ -200,14 +217,19 @@ impl Pki {
                 return Err(e).with_context(|| format!("reading the PKI state {}", state.display()))
             }
         };
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        // Derived from the CA key, so that every replica checks the challenges any replica
+        // gave: a box's challenge and enrollment may reach different ones.
+        let secret = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("storehub enrollment challenges\n{pem}").as_bytes(),
+        );
         Ok(Pki {
             ca: Issuer::new(ca_params(), key),
             lifetime,
             path: state.to_path_buf(),
             state: Mutex::new(loaded),
-            challenge_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            shared: None,
+            challenge_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref()),
             failures: Mutex::new(Vec::new()),
         })
     }
@@ -223,21 +245,86 @@ impl Pki {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, state: &State) -> anyhow::Result<()> {
-        save_state(&self.path, state)
+    /// Shares the state through `shared` from now on. The first replica to start on an empty
+    /// database stores the state of its file there; every later one takes the stored one.
+    pub fn with_shared_state(mut self, shared: Box<dyn SharedPkiState>) -> anyhow::Result<Pki> {
+        {
+            let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+            match shared.load()? {
+                Some((version, bytes)) => {
+                    *state = serde_json::from_slice(&bytes)
+                        .context("the PKI state in the database does not parse")?;
+                    state.version = Some(version);
+                }
+                None => {
+                    let bytes = serde_json::to_vec(&*state).context("encoding the PKI state")?;
+                    state.version = shared.store(None, &bytes)?;
+                    if state.version.is_none() {
+                        // Another replica stored its state first: take that one.
+                        let (version, bytes) = shared
+                            .load()?
+                            .context("the PKI state in the database vanished")?;
+                        *state = serde_json::from_slice(&bytes)
+                            .context("the PKI state in the database does not parse")?;
+                        state.version = Some(version);
+                    }
+                }
+            }
+        }
+        self.shared = Some(shared);
+        Ok(self)
+    }
+
+    /// Takes the shared state again when another replica changed it (called on its
+    /// notification).
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let mut state = self.lock();
+        refresh(shared.as_ref(), &mut state)
+    }
+
+    /// The state, to change: on replicas, first brought up to date with the shared copy.
+    fn lock_for_change(&self) -> anyhow::Result<std::sync::MutexGuard<'_, State>> {
+        let mut state = self.lock();
+        if let Some(shared) = &self.shared {
+            refresh(shared.as_ref(), &mut state)?;
+        }
+        Ok(state)
+    }
+
+    fn save(&self, state: &mut State) -> anyhow::Result<()> {
+        let Some(shared) = &self.shared else {
+            return save_state(&self.path, state);
+        };
+        let bytes = serde_json::to_vec(&*state).context("encoding the PKI state")?;
+        match shared.store(state.version, &bytes)? {
+            Some(version) => {
+                state.version = Some(version);
+                Ok(())
+            }
+            None => {
+                // Our change is lost; take theirs, so the caller's retry starts from it.
+                refresh(shared.as_ref(), state)?;
+                anyhow::bail!(
+                    "the PKI state changed on another replica at the same moment; try again"
+                )
+            }
+        }
     }
 
     /// A new one-time enrollment token for `store`, valid for `valid`.
     pub fn new_token(&self, store: &str, valid: Duration, now_ms: i64) -> anyhow::Result<String> {
         let token = crate::init::random_token()?;
-        let mut state = self.lock();
+        let mut state = self.lock_for_change()?;
         state.tokens.retain(|t| t.expires_ms > now_ms);
         state.tokens.push(TokenEntry {
             sha256: crate::sha256_hex(token.as_bytes()),
             store: store.to_owned(),
             expires_ms: now_ms.saturating_add(valid.as_millis() as i64),
         });
-        self.save(&state)?;
+        self.save(&mut state)?;
         Ok(token)
     }
 
@@ -327,7 +414,7 @@ impl Pki {
                 signature_hex,
             )?;
             let digest = crate::sha256_hex(token.as_bytes());
-            let mut state = self.lock();
+            let mut state = self.lock_for_change().map_err(PkiError::Internal)?;
             let position = state.tokens.iter().position(|t| {
                 crate::secrets_equal(t.sha256.as_bytes(), digest.as_bytes())
                     && t.store == store
@@ -347,7 +434,7 @@ impl Pki {
                 },
             );
             let issued = self.issue(&mut state, store, &public_key, now_ms)?;
-            self.save(&state).map_err(PkiError::Internal)?;
+            self.save(&mut state).map_err(PkiError::Internal)?;
             tracing::info!("enrolled the box of store {store}");
             Ok(issued)
         })
@@ -374,7 +461,7 @@ impl Pki {
                 }
             }
             self.check_challenge(challenge, now_ms)?;
-            let mut state = self.lock();
+            let mut state = self.lock_for_change().map_err(PkiError::Internal)?;
             let Some(device) = state.devices.get(store) else {
                 return Err(PkiError::Revoked(format!(
                     "no enrolled box for store {store:?} (revoked or never enrolled): enroll again with a new token"
@@ -395,7 +482,7 @@ impl Pki {
                 signature_hex,
             )?;
             let issued = self.issue(&mut state, store, &public_key, now_ms)?;
-            self.save(&state).map_err(PkiError::Internal)?;
+            self.save(&mut state).map_err(PkiError::Internal)?;
             tracing::info!("renewed the certificate of store {store}");
             Ok(issued)
         })
@@ -458,7 +545,7 @@ impl Pki {
     /// request on, and its device key can no longer renew. Answers how many certificates
     /// were still valid.
     pub fn revoke(&self, store: &str, now_ms: i64) -> anyhow::Result<usize> {
-        let mut state = self.lock();
+        let mut state = self.lock_for_change()?;
         let mut count = 0;
         for issued in state.issued.values_mut() {
             if issued.store == store && issued.revoked_ms.is_none() {
@@ -470,7 +557,7 @@ impl Pki {
         }
         state.devices.remove(store);
         state.tokens.retain(|t| t.store != store);
-        self.save(&state)?;
+        self.save(&mut state)?;
         tracing::info!("revoked the box of store {store} ({count} valid certificates)");
         Ok(count)
     }
@@ -544,6 +631,17 @@ fn verify_proof(public_key: &[u8], message: &str, signature_hex: &str) -> Result
 }
 
 /// Writes the state atomically: a temporary file, synced, renamed over the old one.
+fn refresh(shared: &dyn SharedPkiState, state: &mut State) -> anyhow::Result<()> {
+    if let Some((version, bytes)) = shared.load()? {
+        if Some(version) != state.version {
+            *state = serde_json::from_slice(&bytes)
+                .context("the PKI state in the database does not parse")?;
+            state.version = Some(version);
+        }
+    }
+    Ok(())
+}
+
 fn save_state(path: &Path, state: &State) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

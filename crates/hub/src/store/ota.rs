@@ -1,31 +1,23 @@
 //! The hub database's part of firmware updates: which bundles exist, which version each
 //! store should run, and what each box last said about its updates.
 //!
-//! | table         | key                               | value                          |
-//! |---------------|-----------------------------------|--------------------------------|
-//! | `ota_bundles` | version                           | [`BundleMeta`] (JSON)          |
-//! | `ota_targets` | store, or `""` for the fleet      | version                        |
-//! | `ota_boxes`   | store                             | [`BoxOta`] (JSON)              |
+//! Three tables in either backend: bundles by version ([`BundleMeta`]), targets by store
+//! (`""` for the fleet default), and each store's firmware state ([`BoxOta`]).
 //!
 //! The bundles' bytes are files (`ota.rs`); a bundle's record names its file, so a
 //! replacement is a new file and a new record, never bytes changing under a name a download
 //! has open. The rules that tie targets to bundles (a targeted bundle cannot be deleted or
 //! replaced; a target needs its bundle) are checked inside the write transaction that
-//! changes them: redb serialises writers, so two admin calls cannot both pass a check that
-//! only one of them may pass.
+//! changes them, with writers serialised by each backend, so two admin calls cannot both
+//! pass a check that only one of them may pass.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use storebox_protocol::ota::{OtaCheck, OtaEvent, OtaReport};
 
-use super::{Ctx, HubStore, StoreError};
-
-pub(super) const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("ota_bundles");
-pub(super) const TARGETS: TableDefinition<&str, &str> = TableDefinition::new("ota_targets");
-pub(super) const BOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("ota_boxes");
+use super::{HubStore, StoreError};
 
 /// The key of the fleet's default target in `ota_targets`: never a valid store id.
-const FLEET: &str = "";
+pub(super) const FLEET: &str = "";
 
 /// How many reports per store the hub keeps for the admin view.
 pub const REPORT_HISTORY: usize = 20;
@@ -152,216 +144,7 @@ impl StoredReport {
     }
 }
 
-fn decode_meta(bytes: &[u8]) -> Result<BundleMeta, StoreError> {
-    serde_json::from_slice(bytes).map_err(|_| StoreError::Corrupt {
-        what: "firmware bundle record",
-    })
-}
-
-fn encode_json<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|_| StoreError::Corrupt { what })
-}
-
-/// Who targets `version`, from an open targets table.
-fn targeted_by(
-    targets: &impl ReadableTable<&'static str, &'static str>,
-    version: &str,
-) -> Result<TargetedBy, StoreError> {
-    let mut by = TargetedBy::default();
-    for entry in targets.iter().ctx("scanning firmware targets")? {
-        let (key, value) = entry.ctx("reading a firmware target")?;
-        if value.value() != version {
-            continue;
-        }
-        if key.value() == FLEET {
-            by.fleet = true;
-        } else {
-            by.stores.push(key.value().to_owned());
-        }
-    }
-    Ok(by)
-}
-
 impl HubStore {
-    /// Every stored bundle, by version.
-    pub fn ota_bundles(&self) -> Result<Vec<(String, BundleMeta)>, StoreError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let bundles = txn.open_table(BUNDLES).ctx("opening firmware bundles")?;
-        let mut out = Vec::new();
-        for entry in bundles.iter().ctx("scanning firmware bundles")? {
-            let (key, value) = entry.ctx("reading a firmware bundle")?;
-            out.push((key.value().to_owned(), decode_meta(value.value())?));
-        }
-        Ok(out)
-    }
-
-    /// One bundle's record.
-    pub fn ota_bundle(&self, version: &str) -> Result<Option<BundleMeta>, StoreError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let bundles = txn.open_table(BUNDLES).ctx("opening firmware bundles")?;
-        match bundles.get(version).ctx("reading a firmware bundle")? {
-            Some(v) => Ok(Some(decode_meta(v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Who targets `version` now.
-    pub fn ota_targeted_by(&self, version: &str) -> Result<TargetedBy, StoreError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let targets = txn.open_table(TARGETS).ctx("opening firmware targets")?;
-        targeted_by(&targets, version)
-    }
-
-    /// Records an uploaded bundle whose file is already in place, unless its version is
-    /// targeted.
-    pub fn ota_put_bundle(
-        &self,
-        version: &str,
-        meta: &BundleMeta,
-    ) -> Result<PutBundle, StoreError> {
-        let txn = self.db.begin_write().ctx("starting a bundle write")?;
-        let outcome;
-        {
-            let targets = txn.open_table(TARGETS).ctx("opening firmware targets")?;
-            let by = targeted_by(&targets, version)?;
-            if by.any() {
-                return Ok(PutBundle::Targeted(by));
-            }
-            let mut bundles = txn.open_table(BUNDLES).ctx("opening firmware bundles")?;
-            let bytes = encode_json(meta, "firmware bundle record")?;
-            let old = bundles
-                .insert(version, bytes.as_slice())
-                .ctx("writing a firmware bundle")?
-                .map(|v| decode_meta(v.value()))
-                .transpose()?;
-            outcome = match old {
-                Some(old) => PutBundle::Replaced { old_file: old.file },
-                None => PutBundle::Created,
-            };
-        }
-        txn.commit().ctx("committing a bundle write")?;
-        Ok(outcome)
-    }
-
-    /// Forgets a bundle, unless its version is targeted.
-    pub fn ota_delete_bundle(&self, version: &str) -> Result<DeleteBundle, StoreError> {
-        let txn = self.db.begin_write().ctx("starting a bundle delete")?;
-        let outcome;
-        {
-            let targets = txn.open_table(TARGETS).ctx("opening firmware targets")?;
-            let by = targeted_by(&targets, version)?;
-            if by.any() {
-                return Ok(DeleteBundle::Targeted(by));
-            }
-            let mut bundles = txn.open_table(BUNDLES).ctx("opening firmware bundles")?;
-            let old = bundles
-                .remove(version)
-                .ctx("deleting a firmware bundle")?
-                .map(|v| decode_meta(v.value()))
-                .transpose()?;
-            outcome = match old {
-                Some(old) => DeleteBundle::Deleted { file: old.file },
-                None => DeleteBundle::Unknown,
-            };
-        }
-        txn.commit().ctx("committing a bundle delete")?;
-        Ok(outcome)
-    }
-
-    /// Sets (or with `None` clears) the target of `store`, or of the fleet when `store` is
-    /// `None`. `false` when the version has no bundle: nothing is changed.
-    pub fn ota_set_target(
-        &self,
-        store: Option<&str>,
-        version: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let key = store.unwrap_or(FLEET);
-        let txn = self.db.begin_write().ctx("starting a target write")?;
-        {
-            let mut targets = txn.open_table(TARGETS).ctx("opening firmware targets")?;
-            match version {
-                Some(version) => {
-                    let bundles = txn.open_table(BUNDLES).ctx("opening firmware bundles")?;
-                    if bundles
-                        .get(version)
-                        .ctx("reading a firmware bundle")?
-                        .is_none()
-                    {
-                        return Ok(false);
-                    }
-                    targets
-                        .insert(key, version)
-                        .ctx("writing a firmware target")?;
-                }
-                None => {
-                    targets.remove(key).ctx("clearing a firmware target")?;
-                }
-            }
-        }
-        txn.commit().ctx("committing a target write")?;
-        Ok(true)
-    }
-
-    /// The fleet default and the stores' own targets.
-    pub fn ota_targets(
-        &self,
-    ) -> Result<(Option<String>, std::collections::BTreeMap<String, String>), StoreError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let targets = txn.open_table(TARGETS).ctx("opening firmware targets")?;
-        let mut fleet = None;
-        let mut stores = std::collections::BTreeMap::new();
-        for entry in targets.iter().ctx("scanning firmware targets")? {
-            let (key, value) = entry.ctx("reading a firmware target")?;
-            if key.value() == FLEET {
-                fleet = Some(value.value().to_owned());
-            } else {
-                stores.insert(key.value().to_owned(), value.value().to_owned());
-            }
-        }
-        Ok((fleet, stores))
-    }
-
-    /// The version `store` should run: its own target, else the fleet's; with its bundle.
-    /// Read in one transaction, so the bundle is the one the target names.
-    pub fn ota_effective_target(&self, store: &str) -> Result<Option<EffectiveTarget>, StoreError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let targets = txn.open_table(TARGETS).ctx("opening firmware targets")?;
-        let (version, from_store) = match targets.get(store).ctx("reading a firmware target")? {
-            Some(v) => (v.value().to_owned(), true),
-            None => match targets.get(FLEET).ctx("reading the fleet target")? {
-                Some(v) => (v.value().to_owned(), false),
-                None => return Ok(None),
-            },
-        };
-        let bundles = txn.open_table(BUNDLES).ctx("opening firmware bundles")?;
-        let Some(bundle) = bundles
-            .get(version.as_str())
-            .ctx("reading a firmware bundle")?
-        else {
-            // Deleting a targeted bundle is refused, so this is damage, not a state.
-            return Err(StoreError::Corrupt {
-                what: "firmware target (its bundle is missing)",
-            });
-        };
-        Ok(Some(EffectiveTarget {
-            version,
-            from_store,
-            bundle: decode_meta(bundle.value())?,
-        }))
-    }
-
-    /// What a store's box said about its updates.
-    pub fn ota_box(&self, store: &str) -> Result<BoxOta, StoreError> {
-        let txn = self.db.begin_read().ctx("starting a read")?;
-        let boxes = txn.open_table(BOXES).ctx("opening firmware states")?;
-        match boxes.get(store).ctx("reading a firmware state")? {
-            Some(v) => serde_json::from_slice(v.value()).map_err(|_| StoreError::Corrupt {
-                what: "firmware state",
-            }),
-            None => Ok(BoxOta::default()),
-        }
-    }
-
     /// Records a box's check: what it runs, and when it asked.
     pub fn ota_note_check(
         &self,
@@ -370,7 +153,7 @@ impl HubStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         // Like contact times, a lost check is replaced by the next one: no wait for the disk.
-        self.update_box_ota(store, redb::Durability::None, |state| {
+        self.update_box_ota(store, false, &mut |state| {
             state.last_check = Some(SeenCheck {
                 at_ms: now_ms,
                 running: check.running.clone(),
@@ -383,42 +166,11 @@ impl HubStore {
     /// Records a box's report, keeping the latest [`REPORT_HISTORY`]. Durable: a rollback
     /// may be reported once only.
     pub fn ota_note_report(&self, store: &str, report: StoredReport) -> Result<(), StoreError> {
-        self.update_box_ota(store, redb::Durability::Immediate, move |state| {
-            state.reports.push(report);
+        self.update_box_ota(store, true, &mut |state| {
+            state.reports.push(report.clone());
             let excess = state.reports.len().saturating_sub(REPORT_HISTORY);
             state.reports.drain(..excess);
         })
-    }
-
-    /// Reads, changes and writes a store's firmware state in one transaction, so a check
-    /// and a report arriving together cannot undo each other.
-    fn update_box_ota(
-        &self,
-        store: &str,
-        durability: redb::Durability,
-        change: impl FnOnce(&mut BoxOta),
-    ) -> Result<(), StoreError> {
-        let mut txn = self
-            .db
-            .begin_write()
-            .ctx("starting a firmware state write")?;
-        txn.set_durability(durability).ctx("setting durability")?;
-        {
-            let mut boxes = txn.open_table(BOXES).ctx("opening firmware states")?;
-            let mut state: BoxOta = match boxes.get(store).ctx("reading a firmware state")? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(|_| StoreError::Corrupt {
-                    what: "firmware state",
-                })?,
-                None => BoxOta::default(),
-            };
-            change(&mut state);
-            let bytes = encode_json(&state, "firmware state")?;
-            boxes
-                .insert(store, bytes.as_slice())
-                .ctx("writing a firmware state")?;
-        }
-        txn.commit().ctx("committing a firmware state")?;
-        Ok(())
     }
 }
 
