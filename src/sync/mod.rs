@@ -67,6 +67,9 @@ pub struct SyncReport {
     /// Of which request and answer bodies of this run.
     pub body_bytes_sent: u64,
     pub body_bytes_received: u64,
+    /// HTTP requests this run's process sent to the hub (round trips; a request repeated on
+    /// a new connection counts twice).
+    pub requests: u64,
     pub duration_ms: u64,
 }
 
@@ -1009,6 +1012,7 @@ impl SyncEngine {
                 p.sent.load(Ordering::Relaxed),
                 p.received.load(Ordering::Relaxed),
             ),
+            requests: p.requests.load(Ordering::Relaxed),
         }
     }
 
@@ -1026,6 +1030,7 @@ impl SyncEngine {
         report.bytes_received = wire.socket.received.load(Ordering::Relaxed) - mark.socket.1;
         report.body_bytes_sent = p.sent.load(Ordering::Relaxed) - mark.body.0;
         report.body_bytes_received = p.received.load(Ordering::Relaxed) - mark.body.1;
+        report.requests = p.requests.load(Ordering::Relaxed) - mark.requests;
         report.duration_ms = mark.started.elapsed().as_millis() as u64;
         crate::metrics::global().record_sync(&report);
         if report.process == "full" {
@@ -1041,6 +1046,7 @@ struct RunMark {
     started: Instant,
     socket: (u64, u64),
     body: (u64, u64),
+    requests: u64,
 }
 
 /// How to tell, after applying, whether a module is done.
