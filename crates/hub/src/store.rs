@@ -121,6 +121,15 @@ pub struct BoxReport {
     pub pending_activity: Option<u64>,
     pub box_version: Option<String>,
     pub last_full_sync_ms: Option<i64>,
+    /// The last pending-activity figures the box acknowledged, (time, figure), oldest first.
+    #[serde(default)]
+    pub pending_history: Vec<(i64, u64)>,
+    /// Per module, when the box last reported a cursor equal to the module's head.
+    #[serde(default)]
+    pub in_step_ms: BTreeMap<String, i64>,
+    /// The sync errors the box reported in its last acknowledgement, per module.
+    #[serde(default)]
+    pub module_errors: BTreeMap<String, crate::fleet::SeenError>,
 }
 
 /// The outcome of an import.
@@ -649,18 +658,30 @@ impl HubStore {
                 None => BoxReport::default(),
             };
             report.last_contact_ms = Some(now_ms);
-            if let Some(cursors) = cursors {
-                for c in cursors {
-                    report.cursors.insert(c.module.clone(), c.cursor);
+            // A cursor equal to the module's head means the box was in step at this moment:
+            // the fleet view measures how long a box has been behind from it.
+            let heads = txn.open_table(MODULE_HEADS).ctx("opening module heads")?;
+            let reported = cursors
+                .into_iter()
+                .flatten()
+                .chain(ack.into_iter().flat_map(|a| &a.cursors));
+            for c in reported {
+                report.cursors.insert(c.module.clone(), c.cursor);
+                if read_head(&heads, store, &c.module)?.head == c.cursor {
+                    report.in_step_ms.insert(c.module.clone(), now_ms);
                 }
             }
             if let Some(ack) = ack {
-                for c in &ack.cursors {
-                    report.cursors.insert(c.module.clone(), c.cursor);
-                }
                 report.pending_activity = Some(ack.pending_activity);
+                crate::fleet::note_pending(
+                    &mut report.pending_history,
+                    now_ms,
+                    ack.pending_activity,
+                );
                 report.box_version = Some(ack.box_version.clone());
                 report.last_full_sync_ms = Some(now_ms);
+                report.module_errors =
+                    crate::fleet::note_errors(&report.module_errors, &ack.errors, now_ms);
             }
             let bytes = serde_json::to_vec(&report)
                 .map_err(|_| StoreError::Corrupt { what: "box report" })?;
