@@ -250,9 +250,11 @@ pub struct LanConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
-    /// Local times ("HH:MM") of the daily full sync.
-    #[serde(default = "default_full_sync_at")]
-    pub full_sync_at: Vec<String>,
+    /// Local times ("HH:MM") of the daily full sync. Not set (or `["hub"]`): the slot the
+    /// hub gives this box in its fleet window, else 07:00. Set: these times, whatever the
+    /// hub says.
+    #[serde(default)]
+    pub full_sync_at: Option<Vec<String>>,
     /// Period of the delta pull ("5m", "30s", "90"), or "off".
     #[serde(default = "default_delta_interval")]
     pub delta_interval: String,
@@ -293,9 +295,6 @@ fn default_lan_listen() -> SocketAddr {
 fn default_max_activity_bytes() -> usize {
     64 * 1024
 }
-fn default_full_sync_at() -> Vec<String> {
-    vec!["07:00".into()]
-}
 fn default_delta_interval() -> String {
     "5m".into()
 }
@@ -331,7 +330,7 @@ impl Default for LanConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            full_sync_at: default_full_sync_at(),
+            full_sync_at: None,
             delta_interval: default_delta_interval(),
             push: true,
             push_batch: default_push_batch(),
@@ -404,6 +403,8 @@ impl DiscoveryConfig {
 pub struct TimeOfDay {
     pub hour: u32,
     pub minute: u32,
+    /// Always 0 in the config; the hub's slots are to the second.
+    pub second: u32,
 }
 
 impl BoxConfig {
@@ -485,16 +486,23 @@ impl BoxConfig {
         self.ota.settings()
     }
 
-    /// The configured full sync times, sorted.
-    pub fn full_sync_times(&self) -> anyhow::Result<Vec<TimeOfDay>> {
+    /// The configured full sync times, sorted, or the hub's slot when none are set.
+    pub fn full_sync_times(&self) -> anyhow::Result<crate::sync::plan::FullSyncAt> {
+        use crate::sync::plan::FullSyncAt;
+        let Some(texts) = &self.sync.full_sync_at else {
+            return Ok(FullSyncAt::Hub);
+        };
+        if texts.len() == 1 && texts[0].trim() == "hub" {
+            return Ok(FullSyncAt::Hub);
+        }
         let mut times = Vec::new();
-        for text in &self.sync.full_sync_at {
+        for text in texts {
             times.push(parse_time_of_day(text).with_context(|| {
-                format!("[sync] full_sync_at: {text:?} is not a time like \"07:00\"")
+                format!("[sync] full_sync_at: {text:?} is not a time like \"07:00\" (or [\"hub\"] alone)")
             })?);
         }
         times.sort();
-        Ok(times)
+        Ok(FullSyncAt::Local(times))
     }
 
     /// The delta pull period, or `None` when switched off.
@@ -565,7 +573,11 @@ fn parse_time_of_day(text: &str) -> Option<TimeOfDay> {
     }
     let hour: u32 = h.parse().ok()?;
     let minute: u32 = m.parse().ok()?;
-    (hour < 24 && minute < 60).then_some(TimeOfDay { hour, minute })
+    (hour < 24 && minute < 60).then_some(TimeOfDay {
+        hour,
+        minute,
+        second: 0,
+    })
 }
 
 /// Refuses a file with a key the config does not know, naming the key and the file.
@@ -686,9 +698,10 @@ credential = "secret"
         std::fs::write(&path, MINIMAL).unwrap();
         let config = BoxConfig::load(&path).unwrap();
         assert_eq!(config.data_dir, dir.path().join("data"));
+        // No time of its own: the box takes the hub's slot.
         assert_eq!(
             config.full_sync_times().unwrap(),
-            [TimeOfDay { hour: 7, minute: 0 }]
+            crate::sync::plan::FullSyncAt::Hub
         );
         assert_eq!(
             config.delta_interval().unwrap(),
@@ -719,16 +732,29 @@ credential = "secret"
         assert!(!config.sync.push);
         assert_eq!(
             config.full_sync_times().unwrap(),
-            [
+            crate::sync::plan::FullSyncAt::Local(vec![
                 TimeOfDay {
                     hour: 6,
-                    minute: 15
+                    minute: 15,
+                    second: 0,
                 },
                 TimeOfDay {
                     hour: 23,
-                    minute: 30
+                    minute: 30,
+                    second: 0,
                 }
-            ]
+            ])
+        );
+        // A later drop-in hands the box back to the hub.
+        std::fs::write(
+            dir.path().join("storebox.d/30-c.toml"),
+            "[sync]\nfull_sync_at = [\"hub\"]\n",
+        )
+        .unwrap();
+        let config = BoxConfig::load(&path).unwrap();
+        assert_eq!(
+            config.full_sync_times().unwrap(),
+            crate::sync::plan::FullSyncAt::Hub
         );
     }
 

@@ -562,6 +562,7 @@ pub fn status(state: &LanState) -> Value {
             "table_bytes": tables,
         },
         "last_full_sync": state.sync.live.last_full(),
+        "full_sync_schedule": full_sync_schedule(&state.sync),
         "lan_tls": {
             "enabled": state.fingerprint.is_some(),
             "fingerprint": state.fingerprint,
@@ -569,6 +570,17 @@ pub fn status(state: &LanState) -> Value {
         "identity": identity_status(),
         "pairing": pairing_status(state),
     })
+}
+
+/// The daily full sync times in force ("HH:MM:SS", local) and where they come from:
+/// "config", "hub" (the slot in the hub's fleet window) or "default".
+fn full_sync_schedule(sync: &SyncEngine) -> Value {
+    let (times, source) = sync.full_sync_schedule();
+    let at: Vec<String> = times
+        .iter()
+        .map(|t| format!("{:02}:{:02}:{:02}", t.hour, t.minute, t.second))
+        .collect();
+    json!({"at": at, "source": source})
 }
 
 /// The box's client certificate towards the hub, for people and monitoring.

@@ -262,7 +262,15 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 config.hub.url,
                 config.hub.ca_file.display(),
                 config.lan.listen,
-                config.sync.full_sync_at.join(", "),
+                match config.full_sync_times()? {
+                    sync::plan::FullSyncAt::Hub => "the hub's slot".to_owned(),
+                    sync::plan::FullSyncAt::Local(_) => config
+                        .sync
+                        .full_sync_at
+                        .clone()
+                        .unwrap_or_default()
+                        .join(", "),
+                },
                 config.sync.delta_interval,
                 if config.sync.push { "on" } else { "off" },
             );

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -16,31 +17,6 @@ use support::{Hub, StoreBox};
 const SEED: u64 = 42;
 const MODULES: [&str; 4] = ["config", "catalog", "customers", "promotions"];
 const DELTA_OFF: &str = "[sync]\ndelta_interval = \"off\"\nnotify = false\n";
-
-/// The box's copy of a module, by id, read record by record over the till API.
-/// Runs a scenario twice, as `NAME::embedded` and `NAME::postgres`: the hub on its embedded
-/// database, then on PostgreSQL (tests/support/pg.rs). Same behaviour through both.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::support::{set_backend, Backend};
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn embedded() {
-                    set_backend(Backend::Embedded);
-                    super::$name().await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    set_backend(Backend::Postgres);
-                    super::$name().await
-                }
-            }
-        )*
-    };
-}
 
 on_both_backends!(
     cold_full_sync_serves_the_generated_store,
@@ -57,6 +33,7 @@ on_both_backends!(
     full_sync_repairs_records_damaged_on_the_box,
 );
 
+/// The box's copy of a module, by id, read record by record over the till API.
 async fn box_module(b: &StoreBox, module: &str, ids: &[String]) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     for id in ids {

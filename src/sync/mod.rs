@@ -67,6 +67,9 @@ pub struct SyncReport {
     /// Of which request and answer bodies of this run.
     pub body_bytes_sent: u64,
     pub body_bytes_received: u64,
+    /// HTTP requests this run's process sent to the hub (round trips; a request repeated on
+    /// a new connection counts twice).
+    pub requests: u64,
     pub duration_ms: u64,
 }
 
@@ -92,7 +95,8 @@ pub struct ModuleReport {
 /// The sync settings the engine needs.
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
-    pub full_sync_at: Vec<crate::config::TimeOfDay>,
+    /// The box's own full sync times, or the hub's slot.
+    pub full_sync_at: plan::FullSyncAt,
     pub delta_interval: Option<Duration>,
     pub push: bool,
     pub push_batch: usize,
@@ -130,6 +134,21 @@ pub struct SyncEngine {
     /// One push at a time: the push task and a full sync both push.
     push_lock: tokio::sync::Mutex<()>,
     receivers: std::sync::Mutex<Option<Receivers>>,
+    /// The full sync slot the hub gave this box, seconds after local midnight;
+    /// `u32::MAX` when it gave none.
+    hub_slot: std::sync::atomic::AtomicU32,
+}
+
+/// The `meta` entry keeping the hub's full sync slot (`u64::MAX`: none).
+const HUB_SLOT_META: &str = "hub_full_sync_slot";
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 impl SyncEngine {
@@ -143,6 +162,12 @@ impl SyncEngine {
         let (full_tx, full_rx) = mpsc::channel(16);
         let (delta_tx, delta_rx) = mpsc::channel(16);
         let link = HubLink::new(target, &settings.link);
+        // A slot the hub gave before a restart; an unreadable one is learnt again at the
+        // next full sync.
+        let hub_slot = match store.meta(HUB_SLOT_META) {
+            Ok(Some(s)) if s < u64::from(plan::DAY_S) => s as u32,
+            _ => u32::MAX,
+        };
         Arc::new(SyncEngine {
             store,
             activity,
@@ -156,7 +181,14 @@ impl SyncEngine {
             push_wake: Arc::new(Notify::new()),
             push_lock: tokio::sync::Mutex::new(()),
             receivers: std::sync::Mutex::new(Some((full_rx, delta_rx))),
+            hub_slot: std::sync::atomic::AtomicU32::new(hub_slot),
         })
+    }
+
+    /// The daily full sync times in force and where they come from ("config", "hub" or
+    /// "default"): see [`plan::full_sync_schedule`].
+    pub fn full_sync_schedule(&self) -> (Vec<crate::config::TimeOfDay>, &'static str) {
+        plan::full_sync_schedule(&self.settings.full_sync_at, self.hub_slot())
     }
 
     /// Body bytes sent and received by each process, for status.
@@ -243,7 +275,8 @@ impl SyncEngine {
         let mut retry: Option<(tokio::time::Instant, Vec<String>)> = None;
         loop {
             let now = chrono::Local::now();
-            let scheduled = plan::next_full_sync(now.naive_local(), &self.settings.full_sync_at)
+            let (times, _) = self.full_sync_schedule();
+            let scheduled = plan::next_full_sync(now.naive_local(), &times)
                 .and_then(|next| (next - now.naive_local()).to_std().ok())
                 .map(|wait| tokio::time::Instant::now() + wait);
             // What to sync when the timer fires, and when it fires.
@@ -632,6 +665,10 @@ impl SyncEngine {
             report.activity_pushed = self.push_pending().await?;
             let mut todo = modules.clone();
             let mut whole: Vec<String> = Vec::new();
+            // What the box reports of itself with the request; when the hub finds every
+            // module unchanged it records this as the acknowledgement.
+            let status = self.box_status(&BTreeMap::new());
+            let mut acknowledged = false;
             for round in 0..FULL_ROUNDS {
                 let store = self.store.clone();
                 let only = todo.clone();
@@ -647,9 +684,14 @@ impl SyncEngine {
                     modules: todo.clone(),
                     digests,
                     records: whole.clone(),
+                    status: status.clone(),
                 };
                 let body = proto::encode(&request, 3).map_err(|e| e.to_string())?;
-                let answer = self.call(Process::Full, proto::PATH_FULL, body).await?;
+                let answer: proto::FullAnswer = self
+                    .call_as(Process::Full, proto::PATH_FULL, body, "a full sync answer")
+                    .await?;
+                acknowledged = answer.acknowledged;
+                self.note_hub_slot(answer.full_sync_at_s).await;
                 let now = hub_or_local_time(answer.hub_time_ms);
                 let mut again = Vec::new();
                 let mut next_whole = Vec::new();
@@ -706,13 +748,20 @@ impl SyncEngine {
                 todo = again;
                 whole = next_whole;
             }
+            // The hub took the request as the acknowledgement when it found every module
+            // unchanged: then one round sufficed, and nothing the box reported has changed
+            // unless an error came or went, which the acknowledgement must carry.
+            let errors_now: BTreeMap<String, Option<String>> = report
+                .modules
+                .iter()
+                .map(|(name, m)| (name.clone(), m.error.clone()))
+                .collect();
+            let status_after = self.box_status(&errors_now);
+            if acknowledged && status_after.errors.is_empty() && status.errors.is_empty() {
+                return Ok(());
+            }
             let modules = self.modules().await.map_err(|e| e.to_string())?;
-            let pending = self.activity.pending();
-            let ack = proto::Ack {
-                cursors: plan::delta_request(&modules, &[]).cursors,
-                pending_activity: pending.pending,
-                box_version: env!("CARGO_PKG_VERSION").to_owned(),
-            };
+            let ack = proto::Ack::new(plan::delta_request(&modules, &[]).cursors, status_after);
             let body = proto::encode(&ack, 3).map_err(|e| e.to_string())?;
             self.link
                 .post(Process::Full, proto::PATH_ACK, body)
@@ -946,6 +995,66 @@ impl SyncEngine {
         Some(entry)
     }
 
+    /// What the box reports of itself to the hub: pending activity, its version, and every
+    /// module's last error; `this_run` (module → error) overrides what the live status
+    /// holds, for a run whose outcome is not in it yet.
+    fn box_status(&self, this_run: &BTreeMap<String, Option<String>>) -> proto::BoxStatus {
+        let mut errors: BTreeMap<String, String> = BTreeMap::new();
+        for module in self.live.module_names() {
+            if let Some(e) = self.live.module(&module).last_error {
+                errors.insert(module, e);
+            }
+        }
+        for (module, error) in this_run {
+            match error {
+                Some(e) => errors.insert(module.clone(), e.clone()),
+                None => errors.remove(module),
+            };
+        }
+        proto::BoxStatus {
+            pending_activity: self.activity.pending().pending,
+            box_version: env!("CARGO_PKG_VERSION").to_owned(),
+            errors: errors
+                .into_iter()
+                .map(|(module, error)| proto::ModuleError {
+                    module,
+                    error: cut(&error, proto::MAX_ERROR_BYTES),
+                })
+                .collect(),
+        }
+    }
+
+    /// The full sync slot the hub gives this box (seconds after local midnight), or `None`.
+    pub fn hub_slot(&self) -> Option<u32> {
+        let s = self.hub_slot.load(Ordering::Relaxed);
+        (s < plan::DAY_S).then_some(s)
+    }
+
+    /// Keeps the slot the hub sent, in memory for the scheduler and in the database so a
+    /// restart does not forget it (the next full sync may be a day away).
+    async fn note_hub_slot(&self, slot: Option<u32>) {
+        let slot = slot.filter(|s| *s < plan::DAY_S);
+        let value = slot.unwrap_or(u32::MAX);
+        if self.hub_slot.swap(value, Ordering::Relaxed) == value {
+            return;
+        }
+        match slot {
+            Some(s) => tracing::info!("the hub's full sync slot for this box: {}", plan::clock(s)),
+            None => tracing::info!("the hub sets no full sync slot"),
+        }
+        let store = self.store.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            store.set_meta(HUB_SLOT_META, slot.map_or(u64::MAX, u64::from))
+        })
+        .await;
+        if let Err(e) = saved
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!("could not save the hub's full sync slot: {e}");
+        }
+    }
+
     /// Posts to the hub and decodes a [`proto::ModulesAnswer`], keeping the link state.
     async fn call(
         &self,
@@ -953,6 +1062,18 @@ impl SyncEngine {
         path: &str,
         body: Vec<u8>,
     ) -> Result<proto::ModulesAnswer, String> {
+        self.call_as(process, path, body, "a modules answer").await
+    }
+
+    /// Posts to the hub and decodes its plain (not compressed as a whole) answer as `T`,
+    /// keeping the link state.
+    async fn call_as<T: serde::de::DeserializeOwned>(
+        &self,
+        process: Process,
+        path: &str,
+        body: Vec<u8>,
+        what: &'static str,
+    ) -> Result<T, String> {
         let answer = self
             .link
             .post(process, path, body)
@@ -962,7 +1083,7 @@ impl SyncEngine {
                 e.to_string()
             })?;
         self.live.link_ok();
-        proto::decode_plain(&answer, "a modules answer").map_err(|e| {
+        proto::decode_plain(&answer, what).map_err(|e| {
             let message = format!("the hub's answer does not decode: {e}");
             self.live.link_failed(&message);
             message
@@ -1009,6 +1130,7 @@ impl SyncEngine {
                 p.sent.load(Ordering::Relaxed),
                 p.received.load(Ordering::Relaxed),
             ),
+            requests: p.requests.load(Ordering::Relaxed),
         }
     }
 
@@ -1026,6 +1148,7 @@ impl SyncEngine {
         report.bytes_received = wire.socket.received.load(Ordering::Relaxed) - mark.socket.1;
         report.body_bytes_sent = p.sent.load(Ordering::Relaxed) - mark.body.0;
         report.body_bytes_received = p.received.load(Ordering::Relaxed) - mark.body.1;
+        report.requests = p.requests.load(Ordering::Relaxed) - mark.requests;
         report.duration_ms = mark.started.elapsed().as_millis() as u64;
         crate::metrics::global().record_sync(&report);
         if report.process == "full" {
@@ -1041,6 +1164,7 @@ struct RunMark {
     started: Instant,
     socket: (u64, u64),
     body: (u64, u64),
+    requests: u64,
 }
 
 /// How to tell, after applying, whether a module is done.

@@ -15,6 +15,30 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 
 pub mod pg;
+
+/// Runs a scenario twice, as `NAME::embedded` and `NAME::postgres`: the hub on its embedded
+/// database, then on PostgreSQL (tests/support/pg.rs). Same behaviour through both.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::support::{set_backend, Backend};
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    set_backend(Backend::Embedded);
+                    super::$name().await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    set_backend(Backend::Postgres);
+                    super::$name().await
+                }
+            }
+        )*
+    };
+}
 #[allow(unused_imports)]
 pub use pg::{set_backend, Backend};
 

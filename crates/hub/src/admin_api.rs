@@ -1,5 +1,5 @@
 //! The back-office API: import and edit module records, read a store's activity and status,
-//! manage firmware bundles and targets (`ota.rs`).
+//! manage firmware bundles and targets (`ota.rs`), the fleet view (`fleet.rs`).
 //!
 //! Served on its own listener (loopback by default) so it can stay off the network boxes
 //! reach; every call needs `Authorization: Bearer <admin token>`.
@@ -49,6 +49,7 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let route = match segs.as_slice() {
         ["admin", "v1", "stores"] => Route::Stores,
+        ["admin", "v1", "fleet"] => Route::Fleet,
         ["admin", "v1", "ota"] => Route::OtaFleet,
         ["admin", "v1", "ota", "target"] => Route::OtaTarget,
         ["admin", "v1", "ota", "bundles"] => Route::OtaBundles,
@@ -95,6 +96,20 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
             h::json(StatusCode::OK, &json!({ "stores": stores }))
         }
         (Method::GET, Route::Status(store)) => blocking(state, move |s| status(s, &store)).await,
+        (Method::GET, Route::Fleet) => {
+            let (filter, thresholds) = match fleet_query(&state.config, query.as_deref()) {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
+            blocking(state, move |s| {
+                match crate::fleet::view(&s.config, &s.store, &filter, &thresholds, crate::now_ms())
+                {
+                    Ok(view) => h::json(StatusCode::OK, &view),
+                    Err(e) => internal(e),
+                }
+            })
+            .await
+        }
         (Method::GET, Route::Activity(store)) => {
             let after = match parse_param(query.as_deref(), "after", 0) {
                 Ok(v) => v,
@@ -199,6 +214,7 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
 
 enum Route {
     Stores,
+    Fleet,
     Status(String),
     Activity(String),
     Import(String, String),
@@ -327,6 +343,54 @@ fn parse_param(query: Option<&str>, name: &str, default: u64) -> Result<u64, Res
             )
         }),
     }
+}
+
+/// The filter and thresholds of `GET /admin/v1/fleet`: `needs_attention=true`, `reason=R`,
+/// `store=ID`, and durations ("6h", "7d") `no_contact`, `cert_within`, `full_sync_within`
+/// replacing the defaults of [`crate::fleet::Thresholds::defaults`].
+fn fleet_query(
+    config: &crate::config::HubConfig,
+    query: Option<&str>,
+) -> Result<(crate::fleet::Filter, crate::fleet::Thresholds), Response<Body>> {
+    let bad = |m: String| h::error(StatusCode::BAD_REQUEST, "bad_request", m);
+    let lifetime = config.cert_lifetime().map_err(internal)?;
+    let mut thresholds = crate::fleet::Thresholds::defaults(lifetime);
+    for (name, slot) in [
+        ("no_contact", &mut thresholds.no_contact_s),
+        ("cert_within", &mut thresholds.cert_within_s),
+        ("full_sync_within", &mut thresholds.full_sync_within_s),
+    ] {
+        if let Some(text) = h::query_param(query, name) {
+            *slot = proto::parse_duration(&text)
+                .map_err(|e| bad(format!("{name}: {e}")))?
+                .as_secs();
+        }
+    }
+    let needs_attention = match h::query_param(query, "needs_attention").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(bad(format!(
+                "needs_attention must be true or false, not {other:?}"
+            )))
+        }
+    };
+    let store = h::query_param(query, "store");
+    if let Some(store) = &store {
+        if !config.has_store(store) {
+            return Err(h::error(
+                StatusCode::NOT_FOUND,
+                "unknown_store",
+                format!("no store {store:?} in the hub config"),
+            ));
+        }
+    }
+    let filter = crate::fleet::Filter {
+        needs_attention,
+        reason: h::query_param(query, "reason"),
+        store,
+    };
+    Ok((filter, thresholds))
 }
 
 /// Parses NDJSON: every non-blank line must be a record. The first bad line fails the whole

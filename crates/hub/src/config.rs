@@ -42,6 +42,9 @@ pub struct HubConfig {
     /// database in `data_dir` (docs/FLEET.md).
     #[serde(default)]
     pub database: Option<DatabaseConfig>,
+    /// The fleet: when boxes run their daily full sync.
+    #[serde(default)]
+    pub fleet: FleetConfig,
 }
 
 /// The PostgreSQL database the hub keeps its data in (`store/postgres.rs`).
@@ -66,6 +69,29 @@ impl DatabaseConfig {
             pool_size: self.pool_size,
         }
     }
+}
+
+/// The fleet as a whole (`fleet.rs`, docs/FLEET.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Local time window ("05:00-07:00", may span midnight) over which the boxes' daily full
+    /// syncs are spread, each box at a slot of its own derived from its store id; "off" lets
+    /// every box keep its own `[sync] full_sync_at`.
+    #[serde(default = "default_full_sync_window")]
+    pub full_sync_window: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            full_sync_window: default_full_sync_window(),
+        }
+    }
+}
+
+fn default_full_sync_window() -> String {
+    "05:00-07:00".into()
 }
 
 /// Firmware bundles (`ota.rs`, docs/PROTOCOL.md).
@@ -277,7 +303,14 @@ impl HubConfig {
         self.cert_lifetime()?;
         self.token_lifetime()?;
         self.max_bundle_size()?;
+        self.full_sync_window()?;
         Ok(())
+    }
+
+    /// The fleet's full sync window, or `None` when it is off.
+    pub fn full_sync_window(&self) -> anyhow::Result<Option<crate::fleet::Window>> {
+        crate::fleet::Window::parse(&self.fleet.full_sync_window)
+            .map_err(|e| anyhow::anyhow!("[fleet] full_sync_window: {e}"))
     }
 
     /// The largest firmware bundle the admin API accepts, in bytes.

@@ -81,7 +81,8 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
              [lan]\n\
              listen = \"127.0.0.1:{lan_port}\"\n\n\
              [sync]\n\
-             full_sync_at = [\"07:00\"]\n\
+             # No full_sync_at: the daily full sync runs at the slot the hub gives this box\n\
+             # in its [fleet] full_sync_window; a time set here wins over the hub's.\n\
              delta_interval = \"5m\"\n\
              push = true\n",
             hub = options.hub_port,
@@ -108,6 +109,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
         pki: crate::config::PkiConfig::default(),
         ota: crate::config::OtaConfig::default(),
         database: None,
+        fleet: crate::config::FleetConfig::default(),
     };
     // The tokens stay usable for a week: a demo or test setup may be started days later.
     crate::pki::write_initial_state(

@@ -13,10 +13,12 @@
 //!   revocation, the per-request certificate check.
 //! - [`enroll`]: the `/pki/v1/` calls boxes make to enroll and renew.
 //! - [`ota`]: firmware updates: bundle files, targets, the admin and sync calls for them.
+//! - [`fleet`]: the boxes' full sync slots and the fleet view (admin API and CLI).
 
 pub mod admin_api;
 pub mod config;
 pub mod enroll;
+pub mod fleet;
 pub mod init;
 pub mod ota;
 pub mod pki;

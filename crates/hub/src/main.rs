@@ -1,4 +1,5 @@
-//! The `storehub` command: `init` a setup, `serve` it.
+//! The `storehub` command: `init` a setup, `serve` it; `enroll-token` and `fleet` ask the
+//! running hub's admin API like any other admin client.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +61,34 @@ enum Command {
         #[arg(long)]
         store: String,
     },
+    /// List the stores' boxes (asks the running hub's admin API): last contact, versions,
+    /// certificate expiry, pending activity, how far behind each module is, errors, and why
+    /// a box needs a technician. A table for people, or the API's JSON with --json.
+    Fleet {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only boxes that need a technician.
+        #[arg(long)]
+        needs_attention: bool,
+        /// Only boxes with this reason (no_contact, cert_expiring, module_error, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only this store.
+        #[arg(long)]
+        store: Option<String>,
+        /// No contact for longer than this needs attention ("6h" by default).
+        #[arg(long)]
+        no_contact: Option<String>,
+        /// A certificate expiring within this needs attention (a quarter of the lifetime).
+        #[arg(long)]
+        cert_within: Option<String>,
+        /// No full sync for longer than this needs attention ("26h" by default).
+        #[arg(long)]
+        full_sync_within: Option<String>,
+        /// Print the admin API's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How long the sync listener keeps a box's connection with no request in flight: longer
@@ -115,11 +144,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { config } => serve(&config),
         Command::Migrate { config } => migrate(&config),
         Command::EnrollToken { config, store } => enroll_token(&config, &store),
+        Command::Fleet {
+            config,
+            needs_attention,
+            reason,
+            store,
+            no_contact,
+            cert_within,
+            full_sync_within,
+            json,
+        } => {
+            let mut query = Vec::new();
+            if needs_attention {
+                query.push("needs_attention=true".to_owned());
+            }
+            for (name, value) in [
+                ("reason", reason),
+                ("store", store),
+                ("no_contact", no_contact),
+                ("cert_within", cert_within),
+                ("full_sync_within", full_sync_within),
+            ] {
+                if let Some(value) = value {
+                    query.push(format!("{name}={}", percent_encode(&value)));
+                }
+            }
+            let path = if query.is_empty() {
+                "/admin/v1/fleet".to_owned()
+            } else {
+                format!("/admin/v1/fleet?{}", query.join("&"))
+            };
+            let doc = admin_call(&config, http::Method::GET, &path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                let view: storehub::fleet::FleetView = serde_json::from_value(doc)
+                    .context("the hub's fleet view does not have the expected shape")?;
+                print!("{}", storehub::fleet::render_table(&view));
+            }
+            Ok(())
+        }
     }
 }
 
-/// Asks the running hub for a token, over the admin API on this machine.
-fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
+/// Percent-encodes a query value: everything but unreserved characters.
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One call to the running hub's admin API on this machine, with the admin token of the
+/// config; answers the JSON body of a successful answer.
+fn admin_call(
+    path: &std::path::Path,
+    method: http::Method,
+    call_path: &str,
+) -> anyhow::Result<serde_json::Value> {
     let config = HubConfig::load(path)?;
     let token = std::fs::read_to_string(&config.admin.token_file)
         .with_context(|| format!("reading {}", config.admin.token_file.display()))?;
@@ -132,8 +219,8 @@ fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
     let (status, body) = runtime
         .block_on(storebox_http::call(
             addr,
-            http::Method::POST,
-            &format!("/admin/v1/stores/{store}/enroll-token"),
+            method,
+            call_path,
             &[("authorization", auth.as_str())],
             bytes::Bytes::new(),
         ))
@@ -141,6 +228,16 @@ fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
     let doc: serde_json::Value = serde_json::from_slice(&body)
         .with_context(|| format!("the hub answered {status} with a body that is not JSON"))?;
     anyhow::ensure!(status.is_success(), "the hub answered {status}: {doc}");
+    Ok(doc)
+}
+
+/// Asks the running hub for a token, over the admin API on this machine.
+fn enroll_token(path: &std::path::Path, store: &str) -> anyhow::Result<()> {
+    let doc = admin_call(
+        path,
+        http::Method::POST,
+        &format!("/admin/v1/stores/{store}/enroll-token"),
+    )?;
     let token = doc["token"]
         .as_str()
         .context("the hub's answer has no token")?;

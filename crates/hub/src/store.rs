@@ -78,6 +78,15 @@ pub struct BoxReport {
     pub pending_activity: Option<u64>,
     pub box_version: Option<String>,
     pub last_full_sync_ms: Option<i64>,
+    /// The last pending-activity figures the box acknowledged, (time, figure), oldest first.
+    #[serde(default)]
+    pub pending_history: Vec<(i64, u64)>,
+    /// Per module, when the box last reported a cursor equal to the module's head.
+    #[serde(default)]
+    pub in_step_ms: BTreeMap<String, i64>,
+    /// The sync errors the box reported in its last acknowledgement, per module.
+    #[serde(default)]
+    pub module_errors: BTreeMap<String, crate::fleet::SeenError>,
 }
 
 /// The outcome of an import.
@@ -452,20 +461,38 @@ impl HubStore {
         cursors: Option<&[ModuleCursor]>,
         ack: Option<&proto::Ack>,
     ) -> Result<(), StoreError> {
+        let reported: Vec<&ModuleCursor> = cursors
+            .into_iter()
+            .flatten()
+            .chain(ack.into_iter().flat_map(|a| &a.cursors))
+            .collect();
+        // A cursor equal to the module's head means the box was in step at this moment: the
+        // fleet view measures how long a box has been behind from it. The heads are read
+        // before the report is locked, so a write landing between makes the box look
+        // behind, never in step when it is not.
+        let mut heads = HashMap::new();
+        for c in &reported {
+            heads.insert(c.module.as_str(), self.backend.module_head(store, &c.module)?);
+        }
         self.backend.update_box_report(store, &mut |report| {
             report.last_contact_ms = Some(now_ms);
-            if let Some(cursors) = cursors {
-                for c in cursors {
-                    report.cursors.insert(c.module.clone(), c.cursor);
+            for c in &reported {
+                report.cursors.insert(c.module.clone(), c.cursor);
+                if heads.get(c.module.as_str()) == Some(&c.cursor) {
+                    report.in_step_ms.insert(c.module.clone(), now_ms);
                 }
             }
             if let Some(ack) = ack {
-                for c in &ack.cursors {
-                    report.cursors.insert(c.module.clone(), c.cursor);
-                }
                 report.pending_activity = Some(ack.pending_activity);
+                crate::fleet::note_pending(
+                    &mut report.pending_history,
+                    now_ms,
+                    ack.pending_activity,
+                );
                 report.box_version = Some(ack.box_version.clone());
                 report.last_full_sync_ms = Some(now_ms);
+                report.module_errors =
+                    crate::fleet::note_errors(&report.module_errors, &ack.errors, now_ms);
             }
         })
     }

@@ -1,5 +1,6 @@
 //! The HTTPS listener boxes talk to: delta pull, full sync, activity push, acknowledgement,
-//! and firmware updates (check, bundle download, report: `ota.rs`).
+//! and firmware updates (check, bundle download, report: `ota.rs`). Full sync and
+//! acknowledgement are served in protocol versions 2 and 3 (`storebox_protocol::v2`).
 //!
 //! Every answer is built from the database alone, so any number of boxes can be served at
 //! once; the only per-request state is the store the caller's client certificate names.
@@ -232,9 +233,18 @@ async fn call(state: Arc<SyncState>, store: String, req: Request<Incoming>) -> R
         match path.as_str() {
             proto::PATH_DELTA => delta(&worker, &store, &body),
             proto::PATH_FULL => full(&worker, &store, &body),
+            proto::v2::PATH_FULL => full_v2(&worker, &store, &body),
             proto::PATH_REPAIR => repair(&worker, &store, &body),
             proto::PATH_ACTIVITY => activity(&worker, &store, &body),
-            proto::PATH_ACK => ack(&worker, &store, &body),
+            proto::PATH_ACK => {
+                let ack = proto::decode(&body, "an acknowledgement").map_err(bad_request)?;
+                ack_v3(&worker, &store, ack)
+            }
+            proto::v2::PATH_ACK => {
+                let ack: proto::v2::Ack =
+                    proto::decode(&body, "an acknowledgement").map_err(bad_request)?;
+                ack_v3(&worker, &store, ack.into())
+            }
             proto::ota::PATH_OTA => {
                 crate::ota::check(&worker.store, worker.config.zstd_level, &store, &body)
             }
@@ -384,15 +394,63 @@ fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respons
     modules_answer(now, frames)
 }
 
+/// A full sync of protocol version 3: the frames, the box's full sync slot, and, when
+/// every module of the store is unchanged, the request's status recorded as the box's
+/// acknowledgement, so a full sync that finds nothing to do costs the box one round trip.
 fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
     let request: proto::FullRequest =
+        proto::decode(body, "a full sync request").map_err(bad_request)?;
+    let now = crate::now_ms();
+    let (frames, all_unchanged) = full_frames(state, store, &request)?;
+    // Only a full sync of every module, nothing asked whole, can stand for the
+    // acknowledgement: the hub then knows the box holds exactly its heads.
+    let acknowledged = all_unchanged && request.modules.is_empty() && request.records.is_empty();
+    let ack = acknowledged.then(|| {
+        let cursors = request
+            .digests
+            .iter()
+            .map(|d| proto::ModuleCursor {
+                module: d.module.clone(),
+                cursor: d.cursor,
+            })
+            .collect();
+        proto::Ack::new(cursors, request.status.clone())
+    });
+    state
+        .store
+        .note_contact(store, now, None, ack.as_ref())
+        .map_err(internal)?;
+    proto::encode_plain(&proto::FullAnswer {
+        hub_time_ms: now,
+        frames,
+        acknowledged,
+        full_sync_at_s: crate::fleet::slot_for(&state.config, store),
+    })
+    .map_err(internal)
+}
+
+/// A full sync of protocol version 2: the frames alone; the box acknowledges separately.
+fn full_v2(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
+    let request: proto::v2::FullRequest =
         proto::decode(body, "a full sync request").map_err(bad_request)?;
     let now = crate::now_ms();
     state
         .store
         .note_contact(store, now, None, None)
         .map_err(internal)?;
+    let (frames, _) = full_frames(state, store, &request.into())?;
+    modules_answer(now, frames)
+}
+
+/// Every requested module's frame of a full sync, and whether each was `Unchanged` (every
+/// module of the store, when the request names none).
+fn full_frames(
+    state: &SyncState,
+    store: &str,
+    request: &proto::FullRequest,
+) -> Result<(Vec<proto::ModuleFrame>, bool), Response<Body>> {
     let mut frames = Vec::new();
+    let mut all_unchanged = true;
     for module in &state.config.modules {
         if !request.modules.is_empty() && !request.modules.contains(&module.name) {
             continue;
@@ -402,6 +460,7 @@ fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response
                 error: "fault injected for tests".into(),
             };
             frames.push(frame(state, module, &payload)?);
+            all_unchanged = false;
             continue;
         }
         let held = request
@@ -410,25 +469,29 @@ fn full(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response
             .find(|d| d.module == module.name)
             .filter(|d| d.digest.count > 0 && !request.records.contains(&module.name));
         match full_module(state, store, &module.name, held) {
-            Ok(payload) => frames.push(frame_from(state, module, payload)),
+            Ok((payload, unchanged)) => {
+                all_unchanged &= unchanged && !state.faults.corrupt.contains(&module.name);
+                frames.push(frame_from(state, module, payload));
+            }
             Err(e) => {
                 tracing::error!("store {store}, module {}: {e}", module.name);
                 let payload = proto::ModuleSnapshot::Failed { error: e };
                 frames.push(frame(state, module, &payload)?);
+                all_unchanged = false;
             }
         }
     }
-    modules_answer(now, frames)
+    Ok((frames, all_unchanged))
 }
 
 /// One module's part of a full sync, encoded: the cheapest answer that makes the box's module
-/// exactly the hub's.
+/// exactly the hub's, and whether it is `Unchanged`.
 fn full_module(
     state: &SyncState,
     store: &str,
     module: &str,
     held: Option<&proto::ModuleDigest>,
-) -> Result<Vec<u8>, String> {
+) -> Result<(Vec<u8>, bool), String> {
     let hashes = state
         .store
         .module_hashes(store, module)
@@ -440,12 +503,15 @@ fn full_module(
         // A box that holds nothing of the module gets every record.
         return state
             .records_payload(store, module, &hashes)
-            .map(|p| p.as_ref().clone());
+            .map(|p| (p.as_ref().clone(), false));
     };
     if held.cursor == hashes.head && held.digest == hashes.digest {
-        return encode(&proto::ModuleSnapshot::Unchanged {
-            cursor: hashes.head,
-        });
+        return Ok((
+            encode(&proto::ModuleSnapshot::Unchanged {
+                cursor: hashes.head,
+            })?,
+            true,
+        ));
     }
     // The box missed some changes but the hub still has them all: they and a digest check
     // cost what a delta costs.
@@ -456,11 +522,12 @@ fn full_module(
             .map_err(|e| e.to_string())?
         {
             if cursor == hashes.head {
-                return encode(&proto::ModuleSnapshot::Changes {
+                let payload = encode(&proto::ModuleSnapshot::Changes {
                     changes,
                     cursor,
                     digest: hashes.digest,
-                });
+                })?;
+                return Ok((payload, false));
             }
         }
     }
@@ -469,11 +536,12 @@ fn full_module(
     let count = proto::bucket_count_for(hashes.digest.count);
     let buckets =
         proto::bucket_hashes(hashes.hashes.iter().map(|(id, h)| (id.as_str(), *h)), count);
-    encode(&proto::ModuleSnapshot::Buckets {
+    let payload = encode(&proto::ModuleSnapshot::Buckets {
         cursor: hashes.head,
         digest: hashes.digest,
         buckets,
-    })
+    })?;
+    Ok((payload, false))
 }
 
 fn repair(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
@@ -603,8 +671,8 @@ fn activity(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Resp
     )
 }
 
-fn ack(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {
-    let ack: proto::Ack = proto::decode(body, "an acknowledgement").map_err(bad_request)?;
+/// Records an acknowledgement, of either version (a version 2 one reports no errors).
+fn ack_v3(state: &SyncState, store: &str, ack: proto::Ack) -> Result<Vec<u8>, Response<Body>> {
     state
         .store
         .note_contact(store, crate::now_ms(), None, Some(&ack))

@@ -1,6 +1,7 @@
 //! Firmware updates through the real `storehub`: bundles and targets on the admin API, and
 //! the check, the ranged bundle download and the report on the sync listener, called with
-//! a client certificate the test enrolls for itself, as a box would.
+//! a client certificate the test enrolls for itself, as a box would; and, with the same
+//! client, the protocol version 2 calls a hub still serves.
 
 #![allow(clippy::unwrap_used)]
 
@@ -649,4 +650,72 @@ async fn boxes_are_offered_their_target_download_it_whole_or_resumed_and_report(
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(hub.check(&a, "1.1.0").await.is_none());
+}
+
+/// Protocol version 2 boxes are still served next to version 3 ones: the old full sync and
+/// acknowledgement messages at their old paths. Here because this file's client enrolls a
+/// certificate of its own and speaks the sync protocol without a box.
+#[tokio::test]
+async fn version_2_full_syncs_and_acknowledgements_are_still_served() {
+    use storebox_protocol::{self as proto, v2};
+    let hub = Hub::start(&["shop-v2"]).await;
+    let client = hub.enroll("shop-v2").await;
+    let post = |path: &'static str, body: Vec<u8>| {
+        let (hub, client) = (&hub, &client);
+        async move {
+            let (status, _, body) = hub
+                .sync(
+                    Some(client),
+                    true,
+                    Method::POST,
+                    path,
+                    &[("content-type", proto::CONTENT_TYPE)],
+                    body,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+            body
+        }
+    };
+    // An old box's full sync: the plain modules answer, one frame per module, no slot.
+    let request = v2::FullRequest {
+        modules: vec![],
+        digests: vec![],
+        records: vec![],
+    };
+    let body = post(v2::PATH_FULL, proto::encode(&request, 3).unwrap()).await;
+    let answer: proto::ModulesAnswer = proto::decode_plain(&body, "v2 answer").unwrap();
+    assert_eq!(answer.frames.len(), 4);
+    // The same request at the version 3 path does not decode: it is refused, not misread.
+    let (status, _, _) = hub
+        .sync(
+            Some(&client),
+            true,
+            Method::POST,
+            proto::PATH_FULL,
+            &[("content-type", proto::CONTENT_TYPE)],
+            proto::encode(&request, 3).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // An old box's acknowledgement is recorded.
+    let ack = v2::Ack {
+        cursors: vec![proto::ModuleCursor {
+            module: "catalog".into(),
+            cursor: 0,
+        }],
+        pending_activity: 3,
+        box_version: "0.0.9".into(),
+    };
+    post(v2::PATH_ACK, proto::encode(&ack, 3).unwrap()).await;
+    let (status, view) = hub
+        .admin(Method::GET, "/admin/v1/fleet?store=shop-v2", Vec::new())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    let store = &view["stores"][0];
+    assert_eq!(store["box_version"], "0.0.9", "{view}");
+    assert_eq!(store["pending_activity"], 3);
+    assert_eq!(store["modules"]["catalog"]["behind"], 0);
+    // A version 2 box gets no slot, but the hub knows the one it would give.
+    assert!(store["full_sync_slot"].is_string(), "{view}");
 }

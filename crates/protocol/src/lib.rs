@@ -1,4 +1,5 @@
-//! The wire protocol between a storebox and storehub, version 1.
+//! The wire protocol between a storebox and storehub, version 3 (and the messages of version
+//! 2 a hub still serves, in [`v2`]).
 //!
 //! This crate owns the message types, their encoding (postcard, then zstd) and the rules both
 //! sides share: the paths, the names a module or record may have, the canonical form of a
@@ -18,6 +19,7 @@ use std::io::Read;
 pub mod ota;
 pub mod patch;
 pub mod table;
+pub mod v2;
 
 pub use table::{Column, RecordTable, TableError};
 
@@ -25,18 +27,24 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version spoken by this crate. Sent by the box in [`HEADER_PROTOCOL`].
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3 changed two messages, the full sync's and the acknowledgement's, so those two
+/// calls have new paths; every other call is the same message at the same path as in
+/// version 2. A hub serves both versions (docs/PROTOCOL.md, "Versioning").
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Header carrying [`PROTOCOL_VERSION`] on every request, so the hub can refuse or adapt.
 pub const HEADER_PROTOCOL: &str = "storebox-protocol";
 
 /// Media type of every sync request and answer body: a zstd frame holding a postcard message.
+/// It names the encoding, which has not changed since version 2.
 pub const CONTENT_TYPE: &str = "application/vnd.storebox.v2+postcard";
 
 /// Path of the delta pull: the box sends its cursors, the hub answers with what changed.
 pub const PATH_DELTA: &str = "/sync/v2/delta";
-/// Path of the full sync: the hub answers with a snapshot of every requested module.
-pub const PATH_FULL: &str = "/sync/v2/full";
+/// Path of the full sync: the box sends its digests and status, the hub answers a
+/// [`FullAnswer`] with a snapshot of every requested module.
+pub const PATH_FULL: &str = "/sync/v3/full";
 /// Path of the repair step of a full sync: the box lists what it holds in the buckets whose
 /// hashes differ, the hub answers with the records to put and delete.
 pub const PATH_REPAIR: &str = "/sync/v2/repair";
@@ -44,8 +52,9 @@ pub const PATH_REPAIR: &str = "/sync/v2/repair";
 pub const PATH_WATCH: &str = "/sync/v2/watch";
 /// Path of the activity push: the box sends events recorded in the shop.
 pub const PATH_ACTIVITY: &str = "/sync/v2/activity";
-/// Path of the acknowledgement: the box tells the hub which cursors it has applied.
-pub const PATH_ACK: &str = "/sync/v2/ack";
+/// Path of the acknowledgement: the box tells the hub which cursors it has applied, and its
+/// status.
+pub const PATH_ACK: &str = "/sync/v3/ack";
 
 /// zstd level of module payloads: these are small (a delta) or cached by the hub (a
 /// snapshot), so the slowest level costs little time and saves the shop's link.
@@ -100,7 +109,7 @@ pub struct ModuleCursor {
     pub cursor: u64,
 }
 
-/// What the box asks in a full sync.
+/// What the box asks in a full sync (version 3: [`v2::FullRequest`] plus `status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FullRequest {
     /// Modules to snapshot; empty means every module of the store.
@@ -112,6 +121,46 @@ pub struct FullRequest {
     /// Modules the box wants as whole record sets whatever it holds: the last resort when
     /// reconciliation did not make them equal.
     pub records: Vec<String>,
+    /// What the box would acknowledge: when every module turns out unchanged, the hub records
+    /// it (with the cursors of `digests`) as the box's acknowledgement, and a full sync that
+    /// finds nothing to do costs one round trip.
+    pub status: BoxStatus,
+}
+
+/// A box's own state, for the hub's fleet view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoxStatus {
+    /// Activity events the box holds that the hub has not acknowledged yet.
+    pub pending_activity: u64,
+    /// The box software version.
+    pub box_version: String,
+    /// Every module whose last sync failed, with the error (at most [`MAX_ERROR_BYTES`]).
+    pub errors: Vec<ModuleError>,
+}
+
+/// Longest error text a box reports for one module; longer ones are cut.
+pub const MAX_ERROR_BYTES: usize = 512;
+
+/// A module's last sync error, as the box saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleError {
+    pub module: String,
+    pub error: String,
+}
+
+/// The hub's answer to a full sync (version 3): the modules' frames, as in a
+/// [`ModulesAnswer`], and what the hub tells the box about its schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullAnswer {
+    /// The hub's clock when it built the answer, in milliseconds since the Unix epoch.
+    pub hub_time_ms: i64,
+    pub frames: Vec<ModuleFrame>,
+    /// Every module was unchanged and the hub recorded the request's status as the box's
+    /// acknowledgement: the box need not send one.
+    pub acknowledged: bool,
+    /// When the box's daily full sync should start, in seconds after local midnight (below
+    /// 86,400): the box's slot in the hub's fleet window. `None`: the hub sets no slot.
+    pub full_sync_at_s: Option<u32>,
 }
 
 /// The repair step of a full sync, after a [`ModuleSnapshot::Buckets`] answer.
@@ -332,7 +381,7 @@ pub struct ActivityAck {
 }
 
 /// The cursors a box has applied, sent after a full sync so the hub's view of the box is true
-/// even when delta pulls are switched off.
+/// even when delta pulls are switched off (version 3: [`v2::Ack`] plus `errors`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub cursors: Vec<ModuleCursor>,
@@ -340,12 +389,29 @@ pub struct Ack {
     pub pending_activity: u64,
     /// The box software version, for the fleet view.
     pub box_version: String,
+    /// Every module whose last sync failed, for the fleet view; empty when all are well.
+    pub errors: Vec<ModuleError>,
+}
+
+impl Ack {
+    /// The acknowledgement a box's status and cursors make.
+    pub fn new(cursors: Vec<ModuleCursor>, status: BoxStatus) -> Ack {
+        Ack {
+            cursors,
+            pending_activity: status.pending_activity,
+            box_version: status.box_version,
+            errors: status.errors,
+        }
+    }
 }
 
 /// Encodes a message as postcard, then compresses it as one zstd frame at `level`.
 pub fn encode<T: Serialize>(message: &T, level: i32) -> Result<Vec<u8>, WireError> {
     let raw = postcard::to_stdvec(message).map_err(WireError::Encode)?;
-    zstd::encode_all(raw.as_slice(), level).map_err(WireError::Compress)
+    // One-shot, with the input's size known: zstd then sizes its window and tables to the
+    // input. A streaming compressor at a high level sets up tens of megabytes and a tenth of
+    // a second of work for any input, even a few bytes (measured under fleet load).
+    zstd::bulk::compress(&raw, level).map_err(WireError::Compress)
 }
 
 /// Decompresses one zstd frame, refusing to produce more than `limit` bytes.
