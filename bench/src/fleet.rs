@@ -31,7 +31,8 @@
 //!    RSS at its end; every call sent inside it is timed. Part way in, the chain-wide price
 //!    change: one catalog record rewritten in every store through the admin API; a box is
 //!    reached when its client has pulled the changed record.
-//! 6. **Results** in `bench/results/fleet.{json,md}`, each figure next to its target.
+//! 6. **Results** in `bench/results/fleet.{json,md}` (`fleet-quick.*` for `--quick`), each
+//!    figure next to its target.
 //!
 //! Every child process is killed when the run ends, fails, panics or is interrupted.
 
@@ -466,7 +467,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         connected_at_start,
     };
     let (results, table) = measured.report()?;
-    crate::common::write_results("fleet", &results, &table)?;
+    // The quick run keeps its own file, so a smoke run never replaces the full figures.
+    let name = if plan.quick { "fleet-quick" } else { "fleet" };
+    crate::common::write_results(name, &results, &table)?;
     drop(groups);
     Ok(())
 }
