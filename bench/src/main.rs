@@ -7,6 +7,7 @@
 //! cargo run --release -p storebox-bench -- [core] [--quick]    # the default
 //! cargo run --release -p storebox-bench -- storage [--quick]
 //! cargo run --release -p storebox-bench -- link [--quick]       # as root
+//! cargo run --release -p storebox-bench -- fleet [--boxes N] [--quick]
 //! ```
 //!
 //! - `core` ([`core_bench`]): cold full sync and delta on the wire, durable activity against a naive
@@ -20,52 +21,84 @@
 //! - `link` ([`link`]): payment terminals' round trips while the box syncs over emulated
 //!   shop lines (network namespaces, tbf, a delay relay), with the link-sharing controller
 //!   on, off, and fixed caps instead. Needs root. Results in `bench/results/link.{json,md}`.
+//! - `fleet` ([`fleet`]): the hub under thousands of light boxes in this process (watch,
+//!   delta pulls, activity push, full sync, a chain-wide price change), against the targets
+//!   and an idle-hub baseline. Results in `bench/results/fleet.{json,md}`.
 //!
 //! Every child process is killed when the run ends, fails, panics or is interrupted.
 
 mod bandwidth;
 mod common;
 mod core_bench;
+mod fleet;
 mod link;
 #[path = "../../tests/support/linkemu.rs"]
 mod linkemu;
 mod storage;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 
 use crate::common::{kill_all_children, RUN_DIR};
 
-const USAGE: &str = "usage: bench [core|storage|bandwidth|link] [--quick]
+const USAGE: &str = "usage: bench [core|storage|bandwidth|link|fleet] [--quick] [fleet options]
 
   core      the core figures (default): sync on the wire, activity, lookups, footprint
   bandwidth bytes on the shop's link per scenario, through a counting relay (~2 min)
   storage   flash writes, durable ingest against SQLite, lookups against nginx, idle memory
   link      payment terminals while the box syncs on emulated shop lines, controller on/off/
             capped (as root; ~20 min, --quick ~6 min); `4/1` or `20/2` for one line only
-  --quick   shorter runs (core ~40 s, storage ~1 min)
+  fleet     the hub under N light boxes: latencies, CPU, memory, a chain-wide change
+            (5,000 boxes: ~15 min and ~15 GB of disk; --quick: 200 boxes, under a minute)
+  --quick   shorter runs (core ~40 s, storage ~1 min, fleet <1 min)
+
+fleet options:
+  --boxes N               boxes (and stores); default 5000, 200 with --quick
+  --products N            catalog products per store; default 2000, 500 with --quick
+  --measure SECS          the measured window; default 180, 20 with --quick
+  --backend embedded      redb, one hub process per database (default)
+  --backend postgres --database-url URL
+                          two or more replicas on one PostgreSQL database (a fresh one)
 
 Build first: cargo build --release --workspace --bins
-Then: cargo run --release -p storebox-bench -- [core|storage|bandwidth|link] [--quick]";
+Then: cargo run --release -p storebox-bench -- [core|storage|bandwidth|link|fleet] [--quick]";
 
 enum Which {
     Core,
     Storage,
     Bandwidth,
     Link,
+    Fleet,
 }
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
     let mut which = Which::Core;
     let mut lines = Vec::new();
-    for arg in std::env::args().skip(1) {
+    let (mut boxes, mut products, mut measure) = (None, None, None);
+    let (mut backend, mut database_url) = (None::<String>, None::<String>);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("{name} needs a value (try --help)"))
+        };
+        let number = |name: &str, text: String| -> anyhow::Result<u64> {
+            text.parse()
+                .with_context(|| format!("{name} {text:?} is not a whole number"))
+        };
         match arg.as_str() {
             "--quick" => quick = true,
             "core" => which = Which::Core,
             "storage" => which = Which::Storage,
             "bandwidth" => which = Which::Bandwidth,
             "link" => which = Which::Link,
+            "fleet" => which = Which::Fleet,
             "4/1" | "20/2" => lines.push(arg.clone()),
+            "--boxes" => boxes = Some(number("--boxes", value("--boxes")?)? as usize),
+            "--products" => products = Some(number("--products", value("--products")?)? as usize),
+            "--measure" => measure = Some(number("--measure", value("--measure")?)?),
+            "--backend" => backend = Some(value("--backend")?),
+            "--database-url" => database_url = Some(value("--database-url")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -73,6 +106,15 @@ fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
+    let backend = match (backend.as_deref(), database_url) {
+        (None | Some("embedded"), None) => fleet::Backend::Embedded,
+        (Some("postgres"), Some(url)) => fleet::Backend::Postgres { url },
+        (Some("postgres"), None) => bail!("--backend postgres needs --database-url"),
+        (None | Some("embedded"), Some(_)) => {
+            bail!("--database-url goes with --backend postgres")
+        }
+        (Some(other), _) => bail!("unknown backend {other:?}: embedded or postgres"),
+    };
     // The release profile aborts on panic, so destructors would not run: the hook kills the
     // children itself before the process goes.
     let default_hook = std::panic::take_hook();
@@ -94,6 +136,10 @@ fn main() -> anyhow::Result<()> {
                 Which::Storage => storage::run(&storage::Plan::new(quick)).await,
                 Which::Bandwidth => bandwidth::run().await,
                 Which::Link => link::run(&link::Plan::new(quick), &lines).await,
+                Which::Fleet => {
+                    let plan = fleet::Plan::new(quick, boxes, backend, products, measure);
+                    fleet::run(&plan).await
+                }
             }
         };
         // Returning from here drops the run's future, and with it every process guard.
