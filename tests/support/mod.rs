@@ -18,6 +18,7 @@ pub mod pg;
 
 /// Runs a scenario twice, as `NAME::embedded` and `NAME::postgres`: the hub on its embedded
 /// database, then on PostgreSQL (tests/support/pg.rs). Same behaviour through both.
+#[allow(unused_macros)]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         $(

@@ -585,22 +585,32 @@ async fn poll_loop(
         let sent = Instant::now();
         if full_due {
             report.full_done = true;
-            match full_sync(conn, fleet, held, &mut report).await {
-                Ok(()) => report.fulls.push(micros(sent.elapsed())),
-                Err(e) => report.error(&e),
-            }
-            // The acknowledgement a box sends after its full sync, outside the timing.
-            let ack = proto::Ack {
-                cursors: lock(held).cursors(),
-                pending_activity: 0,
-                box_version: "fleet-bench".into(),
+            let acknowledged = match full_sync(conn, fleet, held, &mut report).await {
+                Ok(acknowledged) => {
+                    report.fulls.push(micros(sent.elapsed()));
+                    acknowledged
+                }
+                Err(e) => {
+                    report.error(&e);
+                    false
+                }
             };
-            if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_ACK, &ack))
-                .await
-                .context("the acknowledgement timed out")
-                .and_then(|r| r)
-            {
-                report.error(&e);
+            // The acknowledgement a box sends after a full sync that changed something,
+            // outside the timing; an unchanged one was acknowledged by the hub in its answer.
+            if !acknowledged {
+                let ack = proto::Ack {
+                    cursors: lock(held).cursors(),
+                    pending_activity: 0,
+                    box_version: "fleet-bench".into(),
+                    errors: Vec::new(),
+                };
+                if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_ACK, &ack))
+                    .await
+                    .context("the acknowledgement timed out")
+                    .and_then(|r| r)
+                {
+                    report.error(&e);
+                }
             }
         } else {
             next_poll += fleet.poll_every;
@@ -614,13 +624,14 @@ async fn poll_loop(
     report
 }
 
-/// A full sync by reconciliation of a box that holds every module right.
+/// A full sync by reconciliation of a box that holds every module right; whether the hub
+/// recorded it as the box's acknowledgement.
 async fn full_sync(
     conn: &Conn,
     fleet: &Fleet,
     held: &Mutex<Held>,
     report: &mut BoxReport,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let request = proto::FullRequest {
         modules: Vec::new(),
         digests: lock(held)
@@ -633,11 +644,16 @@ async fn full_sync(
             })
             .collect(),
         records: Vec::new(),
+        status: proto::BoxStatus {
+            pending_activity: 0,
+            box_version: "fleet-bench".into(),
+            errors: Vec::new(),
+        },
     };
     let body = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_FULL, &request))
         .await
         .context("the full sync timed out")??;
-    let answer: proto::ModulesAnswer =
+    let answer: proto::FullAnswer =
         proto::decode_plain(&body, "a full sync answer").context("decoding a full answer")?;
     for frame in answer.frames {
         let snapshot: proto::ModuleSnapshot =
@@ -673,7 +689,7 @@ async fn full_sync(
             }
         }
     }
-    Ok(())
+    Ok(answer.acknowledged)
 }
 
 /// The shop's sales, pushed as they happen.

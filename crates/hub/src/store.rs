@@ -472,7 +472,10 @@ impl HubStore {
         // behind, never in step when it is not.
         let mut heads = HashMap::new();
         for c in &reported {
-            heads.insert(c.module.as_str(), self.backend.module_head(store, &c.module)?);
+            heads.insert(
+                c.module.as_str(),
+                self.backend.module_head(store, &c.module)?,
+            );
         }
         self.backend.update_box_report(store, &mut |report| {
             report.last_contact_ms = Some(now_ms);
