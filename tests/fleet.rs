@@ -233,7 +233,168 @@ async fn the_fleet_view_names_the_boxes_that_need_a_technician() {
     assert_eq!(ok["attention"], json!([]), "{ok}");
 }
 
+/// A chain's catalog kept once for the group (`scope = "group"`), each store overriding a
+/// record locally: every box holds the chain's records with its own on top, a chain-wide
+/// change reaches all of them, and removing an override shows the chain's record again.
+async fn a_chain_catalog_is_kept_once_and_reaches_every_box_with_local_prices() {
+    let data = storebox_sim::generate_store(SEED);
+    let mut hub = Hub::start(&["shop-g1", "shop-g2"]).await;
+    let path = hub.dir.path().join("hub.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text
+        .replace(
+            "indexes = [\"ean13\"]\n",
+            "indexes = [\"ean13\"]\nscope = \"group\"\n",
+        )
+        .replace(
+            "id = \"shop-g1\"\n",
+            "id = \"shop-g1\"\ngroup = \"chain\"\n",
+        )
+        .replace(
+            "id = \"shop-g2\"\n",
+            "id = \"shop-g2\"\ngroup = \"chain\"\n",
+        );
+    assert_eq!(edited.matches("group = \"chain\"").count(), 2, "{edited}");
+    assert!(edited.contains("scope = \"group\""), "{edited}");
+    std::fs::write(&path, edited).unwrap();
+    hub.restart().await;
+
+    // The catalog goes in once, for the group; the other modules per store.
+    let body = storebox_sim::to_ndjson(&data.modules["catalog"]);
+    let (s, answer) = hub
+        .admin(
+            Method::POST,
+            "/admin/v1/groups/chain/modules/catalog/import",
+            body,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["upserted"],
+        data.modules["catalog"].len(),
+        "{answer}"
+    );
+    for store in ["shop-g1", "shop-g2"] {
+        for (module, records) in &data.modules {
+            if module != "catalog" {
+                hub.import(store, module, records, false).await;
+            }
+        }
+    }
+    // A module kept per store cannot be imported for a group, and an unknown group is named.
+    let (s, answer) = hub
+        .admin(
+            Method::POST,
+            "/admin/v1/groups/chain/modules/customers/import",
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        (s, &answer["error"]),
+        (StatusCode::BAD_REQUEST, &json!("module_not_shared"))
+    );
+    let (s, answer) = hub
+        .admin(
+            Method::POST,
+            "/admin/v1/groups/nowhere/modules/catalog/import",
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        (s, &answer["error"]),
+        (StatusCode::NOT_FOUND, &json!("unknown_group"))
+    );
+
+    let dropin = "[sync]\ndelta_interval = \"off\"\n";
+    let one = StoreBox::start(&hub, "shop-g1", dropin).await;
+    let two = StoreBox::start(&hub, "shop-g2", dropin).await;
+    for b in [&one, &two] {
+        let status = b.wait_full_sync(&MODULES).await;
+        assert_eq!(
+            status["modules"]["catalog"]["records"],
+            data.modules["catalog"].len(),
+            "{status}"
+        );
+        support::wait_for("the change watch", Duration::from_secs(20), || async {
+            (b.status().await["wire"]["watching"] == true).then_some(())
+        })
+        .await;
+    }
+
+    let local = data.modules["catalog"][3]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let chain = data.modules["catalog"][4]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let record = |n: usize, cents: u64| {
+        let mut r = data.modules["catalog"][n].clone();
+        r["price_cents"] = json!(cents);
+        r.to_string()
+    };
+    let set = |scope: &str, id: &str, body: String| {
+        let path = format!("/admin/v1/{scope}/modules/catalog/records/{id}");
+        let hub = &hub;
+        async move {
+            let (s, answer) = hub.admin(Method::PUT, &path, body).await;
+            assert!(s.is_success(), "{answer}");
+        }
+    };
+    async fn sees(b: &StoreBox, id: &str, cents: u64) {
+        support::wait_for(
+            &format!("price {cents} of {id} on {}", b.config.display()),
+            Duration::from_secs(20),
+            || async {
+                let (_, got) = b.get(&format!("/v1/catalog/{id}")).await;
+                (got["price_cents"] == cents).then_some(())
+            },
+        )
+        .await;
+    }
+
+    // A local price on one store; the other keeps the chain's.
+    set("stores/shop-g1", &local, record(3, 999)).await;
+    sees(&one, &local, 999).await;
+    let chain_price = data.modules["catalog"][3]["price_cents"].as_u64().unwrap();
+    sees(&two, &local, chain_price).await;
+
+    // One write for the chain reaches both boxes.
+    set("groups/chain", &chain, record(4, 4242)).await;
+    sees(&one, &chain, 4242).await;
+    sees(&two, &chain, 4242).await;
+
+    // The chain changes the record a store overrides: the store keeps its own price.
+    set("groups/chain", &local, record(3, 5555)).await;
+    sees(&two, &local, 5555).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, got) = one.get(&format!("/v1/catalog/{local}")).await;
+    assert_eq!(got["price_cents"], 999, "{got}");
+
+    // Without its override, the store has the chain's record again.
+    let (s, answer) = hub
+        .admin(
+            Method::DELETE,
+            &format!("/admin/v1/stores/shop-g1/modules/catalog/records/{local}"),
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    sees(&one, &local, 5555).await;
+
+    // Each box holds exactly what the hub serves it: a full sync finds nothing to change.
+    for b in [&one, &two] {
+        let (status, report) = b.post("/v1/sync/full", Bytes::new()).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        for module in MODULES {
+            assert_eq!(report["modules"][module]["method"], "unchanged", "{report}");
+        }
+    }
+}
+
 on_both_backends!(
+    a_chain_catalog_is_kept_once_and_reaches_every_box_with_local_prices,
     a_full_sync_with_nothing_changed_is_one_round_trip,
     the_box_runs_its_full_sync_at_the_slot_the_hub_gives_it,
     the_fleet_view_names_the_boxes_that_need_a_technician,

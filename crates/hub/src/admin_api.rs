@@ -54,6 +54,41 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
         ["admin", "v1", "ota", "target"] => Route::OtaTarget,
         ["admin", "v1", "ota", "bundles"] => Route::OtaBundles,
         ["admin", "v1", "ota", "bundles", version] => Route::OtaBundle(version.to_string()),
+        ["admin", "v1", "groups", group, "modules", module, tail @ ..] => {
+            if !state.config.groups().contains_key(*group) {
+                return h::error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_group",
+                    format!("no store of the hub config is in group {group:?}"),
+                );
+            }
+            match state.config.module(module) {
+                None => {
+                    return h::error(
+                        StatusCode::NOT_FOUND,
+                        "unknown_module",
+                        format!("no module {module:?} in the hub config"),
+                    )
+                }
+                Some(m) if m.scope != crate::config::ModuleScope::Group => {
+                    return h::error(
+                        StatusCode::BAD_REQUEST,
+                        "module_not_shared",
+                        format!(
+                            "module {module:?} is kept per store: import it under \
+                             /admin/v1/stores/{{store}}, or set scope = \"group\" in the hub config"
+                        ),
+                    )
+                }
+                Some(_) => {}
+            }
+            let key = crate::store::group_key(group);
+            match tail {
+                ["import"] => Route::Import(key, module.to_string()),
+                ["records", id] => Route::Record(key, module.to_string(), id.to_string()),
+                _ => Route::NotFound,
+            }
+        }
         ["admin", "v1", "stores", store, rest @ ..] => {
             if !state.config.has_store(store) {
                 return h::error(

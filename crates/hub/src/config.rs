@@ -191,6 +191,26 @@ pub struct ModuleConfig {
     pub name: String,
     #[serde(default)]
     pub indexes: Vec<String>,
+    /// `"store"`: each store has its own records. `"group"`: the stores of a group share
+    /// the group's records, each store's own records overriding them by id (a local price);
+    /// a store in no group has only its own (docs/FLEET.md).
+    #[serde(default, skip_serializing_if = "ModuleScope::is_store")]
+    pub scope: ModuleScope,
+}
+
+/// Who a module's records belong to.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleScope {
+    #[default]
+    Store,
+    Group,
+}
+
+impl ModuleScope {
+    fn is_store(&self) -> bool {
+        *self == ModuleScope::Store
+    }
 }
 
 /// One store and the credential its box presents.
@@ -202,6 +222,9 @@ pub struct StoreConfig {
     /// `[pki] legacy_credentials = true`; boxes now authenticate by client certificate.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub credential_sha256: String,
+    /// The group (a chain, a region) whose records of group-scoped modules the store shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -222,18 +245,22 @@ pub fn default_modules() -> Vec<ModuleConfig> {
         ModuleConfig {
             name: "config".into(),
             indexes: vec![],
+            scope: ModuleScope::Store,
         },
         ModuleConfig {
             name: "catalog".into(),
             indexes: vec!["ean13".into()],
+            scope: ModuleScope::Store,
         },
         ModuleConfig {
             name: "customers".into(),
             indexes: vec!["loyalty_card".into()],
+            scope: ModuleScope::Store,
         },
         ModuleConfig {
             name: "promotions".into(),
             indexes: vec![],
+            scope: ModuleScope::Store,
         },
     ]
 }
@@ -298,6 +325,14 @@ impl HubConfig {
             if !stores.insert(&store.id) {
                 bail!("store {:?} is listed twice", store.id);
             }
+            if let Some(group) = &store.group {
+                if !storebox_protocol::is_valid_module_name(group) {
+                    bail!(
+                        "group {group:?} of store {:?} is invalid: use 1 to 64 of a-z, 0-9, _ and -",
+                        store.id
+                    );
+                }
+            }
         }
         self.tombstone_retention()?;
         self.cert_lifetime()?;
@@ -352,6 +387,33 @@ impl HubConfig {
     /// The module named `name`, if configured.
     pub fn module(&self, name: &str) -> Option<&ModuleConfig> {
         self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// The groups and their stores, for the stores that have one.
+    pub fn groups(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for store in &self.stores {
+            if let Some(group) = &store.group {
+                groups
+                    .entry(group.clone())
+                    .or_default()
+                    .push(store.id.clone());
+            }
+        }
+        groups
+    }
+
+    /// How the hub database lays out the stores and modules.
+    pub fn layout(&self) -> crate::store::Layout {
+        crate::store::Layout {
+            groups: self.groups(),
+            group_modules: self
+                .modules
+                .iter()
+                .filter(|m| m.scope == ModuleScope::Group)
+                .map(|m| m.name.clone())
+                .collect(),
+        }
     }
 
     /// Whether `store` is configured.

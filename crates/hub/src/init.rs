@@ -63,6 +63,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
         stores.push(StoreConfig {
             id: store.clone(),
             credential_sha256: String::new(),
+            group: None,
         });
         let lan_port = options
             .lan_port

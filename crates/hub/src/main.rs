@@ -274,14 +274,14 @@ fn migrate(path: &std::path::Path) -> anyhow::Result<()> {
 /// replicas' change notifications. Blocking: called before the async runtime starts.
 fn open_store(config: &HubConfig) -> anyhow::Result<HubStore> {
     let Some(database) = &config.database else {
-        return HubStore::open(&config.data_dir);
+        return Ok(HubStore::open(&config.data_dir)?.with_layout(config.layout()));
     };
     let connection = database.connection();
     let backend = storehub::store::postgres::Postgres::open(connection.clone())?;
     let watchers = Arc::new(storehub::store::Watchers::default());
     storehub::store::postgres::listen(connection, watchers.clone())
         .context("starting the change notification listener")?;
-    Ok(HubStore::with_backend(Box::new(backend), watchers))
+    Ok(HubStore::with_backend(Box::new(backend), watchers).with_layout(config.layout()))
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {

@@ -251,18 +251,54 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
+/// How the stores share modules: which stores belong to which group, and which modules are
+/// kept per group (docs/FLEET.md).
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    /// Group name to its stores.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Modules whose records belong to a store's group, overridden by the store's own.
+    pub group_modules: BTreeSet<String>,
+}
+
+/// The key a group's records are kept under, beside the stores' own: store ids never begin
+/// with `@`, so the two cannot meet.
+pub fn group_key(group: &str) -> String {
+    format!("@{group}")
+}
+
+/// A box's cursor in a module shared with its group holds two sequence numbers: the group's
+/// in the high 32 bits, the store's own overrides' in the low 32. Four billion writes of
+/// either is more than a module sees in its life.
+fn join_cursor(group: u64, own: u64) -> u64 {
+    (group.min(u64::from(u32::MAX)) << 32) | own.min(u64::from(u32::MAX))
+}
+
+fn split_cursor(cursor: u64) -> (u64, u64) {
+    (cursor >> 32, cursor & u64::from(u32::MAX))
+}
+
 /// The change watches of the boxes connected to this process, by store.
 #[derive(Default)]
 pub struct Watchers {
     by_store: Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    /// Group key to its stores: a write to a group wakes all of them.
+    groups: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Watchers {
-    /// Wakes the boxes of `store` waiting for a change.
-    pub fn wake(&self, store: &str) {
+    /// Wakes the boxes waiting for a change of `key`: a store, or every store of a group.
+    pub fn wake(&self, key: &str) {
+        let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         let watchers = self.by_store.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = watchers.get(store) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        let wake = |store: &str| {
+            if let Some(tx) = watchers.get(store) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        };
+        match groups.get(key) {
+            Some(stores) => stores.iter().for_each(|s| wake(s)),
+            None => wake(key),
         }
     }
 
@@ -282,8 +318,12 @@ pub struct HubStore {
     backend: Box<dyn Backend>,
     watchers: Arc<Watchers>,
     /// Per (store, module): the digest and record hashes at a head, so a thousand boxes
-    /// checking the same module do not each hash every record.
+    /// checking the same module do not each hash every record. Stores that override nothing
+    /// of a shared module share one entry, under the group's key.
     digests: Mutex<HashMap<(String, String), ModuleHashes>>,
+    /// Store id to its group's key, for the stores in a group.
+    group_of: HashMap<String, String>,
+    group_modules: BTreeSet<String>,
 }
 
 /// A module's record hashes at one head.
@@ -318,7 +358,148 @@ impl HubStore {
             backend,
             watchers,
             digests: Mutex::new(HashMap::new()),
+            group_of: HashMap::new(),
+            group_modules: BTreeSet::new(),
         }
+    }
+
+    /// Lays the stores out in groups sharing the group-scoped modules.
+    pub fn with_layout(mut self, layout: Layout) -> HubStore {
+        let mut members = HashMap::new();
+        for (group, stores) in &layout.groups {
+            for store in stores {
+                self.group_of.insert(store.clone(), group_key(group));
+            }
+            members.insert(group_key(group), stores.clone());
+        }
+        *self
+            .watchers
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = members;
+        self.group_modules = layout.group_modules;
+        self
+    }
+
+    /// The group key whose records `store` sees in `module` under its own, if any.
+    fn shared_with(&self, store: &str, module: &str) -> Option<&str> {
+        if !self.group_modules.contains(module) {
+            return None;
+        }
+        self.group_of.get(store).map(String::as_str)
+    }
+
+    /// A module's head as a box of `store` sees it.
+    pub fn module_head(&self, store: &str, module: &str) -> Result<u64, StoreError> {
+        match self.shared_with(store, module) {
+            None => self.backend.module_head(store, module),
+            Some(group) => Ok(join_cursor(
+                self.backend.module_head(group, module)?,
+                self.backend.module_head(store, module)?,
+            )),
+        }
+    }
+
+    /// Every live record of a module as a box of `store` sees it (its group's, overridden by
+    /// its own), in id order, and the cursor they correspond to.
+    pub fn snapshot(
+        &self,
+        store: &str,
+        module: &str,
+    ) -> Result<(Vec<(String, String)>, u64), StoreError> {
+        let Some(group) = self.shared_with(store, module) else {
+            return self.backend.snapshot(store, module);
+        };
+        let (shared, group_head) = self.backend.snapshot(group, module)?;
+        let (own, own_head) = self.backend.snapshot(store, module)?;
+        let mut merged = Vec::with_capacity(shared.len() + own.len());
+        let mut own = own.into_iter().peekable();
+        for (id, json) in shared {
+            while let Some((oid, _)) = own.peek() {
+                if oid.as_str() >= id.as_str() {
+                    break;
+                }
+                merged.extend(own.next());
+            }
+            match own.peek() {
+                Some((oid, _)) if *oid == id => merged.extend(own.next()),
+                _ => merged.push((id, json)),
+            }
+        }
+        merged.extend(own);
+        Ok((merged, join_cursor(group_head, own_head)))
+    }
+
+    /// The changes of a module after `cursor` as a box of `store` sees them, at most about
+    /// `limit`; see [`Backend::changes_since`].
+    #[allow(clippy::type_complexity)]
+    pub fn changes_since(
+        &self,
+        store: &str,
+        module: &str,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Option<(Vec<Change>, u64, bool)>, StoreError> {
+        let Some(group) = self.shared_with(store, module) else {
+            return self.backend.changes_since(store, module, cursor, limit);
+        };
+        let (group_cursor, own_cursor) = split_cursor(cursor);
+        let Some((shared, group_last, group_more)) =
+            self.backend
+                .changes_since(group, module, group_cursor, limit)?
+        else {
+            return Ok(None);
+        };
+        // While the group's changes fill pages, the store's own wait: asked for none, the
+        // backend still says whether its cursor is valid and whether changes wait.
+        let own_limit = if group_more {
+            0
+        } else {
+            limit.saturating_sub(shared.len())
+        };
+        let Some((own, own_last, own_more)) = self
+            .backend
+            .changes_since(store, module, own_cursor, own_limit)?
+        else {
+            return Ok(None);
+        };
+        let own_ids: std::collections::HashSet<&str> = own.iter().map(|c| c.id.as_str()).collect();
+        // A store that never wrote to the module overrides nothing: no lookups.
+        let overrides = self.backend.module_head(store, module)? > 0;
+        let mut out = Vec::with_capacity(shared.len() + own.len());
+        for change in &shared {
+            // The store's own version of a record hides the group's; one changed in this
+            // answer too is resolved below.
+            if own_ids.contains(change.id.as_str())
+                || (overrides
+                    && self
+                        .backend
+                        .get_record(store, module, &change.id)?
+                        .is_some())
+            {
+                continue;
+            }
+            out.push(change.clone());
+        }
+        for change in own {
+            let body = match change.body {
+                // An override removed shows the group's record again, if it has one.
+                ChangeBody::Delete => match self.backend.get_record(group, module, &change.id)? {
+                    Some(json) => ChangeBody::Put(json),
+                    None => ChangeBody::Delete,
+                },
+                body => body,
+            };
+            out.push(Change {
+                id: change.id,
+                body,
+            });
+        }
+        Ok(Some((
+            out,
+            join_cursor(group_last, own_last),
+            group_more || own_more,
+        )))
     }
 
     /// A receiver that changes after every write to `store`'s modules.
@@ -341,7 +522,11 @@ impl HubStore {
     /// The digest and record hashes of a module at its head.
     pub fn module_hashes(&self, store: &str, module: &str) -> Result<ModuleHashes, StoreError> {
         let head = self.module_head(store, module)?;
-        let key = (store.to_owned(), module.to_owned());
+        let key = match self.shared_with(store, module) {
+            // No overrides: the store sees exactly its group's records.
+            Some(group) if split_cursor(head).1 == 0 => (group.to_owned(), module.to_owned()),
+            _ => (store.to_owned(), module.to_owned()),
+        };
         if let Some(cached) = self
             .digests
             .lock()
@@ -472,10 +657,7 @@ impl HubStore {
         // behind, never in step when it is not.
         let mut heads = HashMap::new();
         for c in &reported {
-            heads.insert(
-                c.module.as_str(),
-                self.backend.module_head(store, &c.module)?,
-            );
+            heads.insert(c.module.as_str(), self.module_head(store, &c.module)?);
         }
         self.backend.update_box_report(store, &mut |report| {
             report.last_contact_ms = Some(now_ms);
@@ -638,5 +820,122 @@ mod tests {
         let (events, _) = hub.activity("s", 2, 10).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(hub.activity("other", 0, 10).unwrap().1, 0);
+    }
+
+    #[test]
+    fn a_group_module_shows_the_groups_records_under_the_stores_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            groups: [("chain".to_owned(), vec!["s1".to_owned(), "s2".to_owned()])].into(),
+            group_modules: ["catalog".to_owned()].into(),
+        };
+        let hub = HubStore::open(dir.path()).unwrap().with_layout(layout);
+        let g = group_key("chain");
+        let mut watch = hub.subscribe("s2");
+        hub.import(
+            &g,
+            "catalog",
+            &[rec(r#"{"id":"a","p":1}"#), rec(r#"{"id":"b","p":2}"#)],
+            false,
+            0,
+        )
+        .unwrap();
+        // A write to the group wakes its stores' watches.
+        assert!(watch.has_changed().unwrap());
+        watch.mark_unchanged();
+        hub.put_record("s1", "catalog", &rec(r#"{"id":"b","p":9}"#))
+            .unwrap();
+        hub.put_record("s1", "catalog", &rec(r#"{"id":"c","p":3}"#))
+            .unwrap();
+        assert!(!watch.has_changed().unwrap());
+
+        let (s1, head1) = hub.snapshot("s1", "catalog").unwrap();
+        let ids: Vec<(&str, &str)> = s1.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
+        assert_eq!(
+            ids,
+            [
+                ("a", r#"{"id":"a","p":1}"#),
+                ("b", r#"{"id":"b","p":9}"#),
+                ("c", r#"{"id":"c","p":3}"#)
+            ]
+        );
+        assert_eq!(head1, (2 << 32) | 2);
+        assert_eq!(hub.module_head("s1", "catalog").unwrap(), head1);
+        let (s2, head2) = hub.snapshot("s2", "catalog").unwrap();
+        assert_eq!((s2.len(), head2), (2, 2 << 32));
+        // A store with nothing of its own shares the group's digest entry.
+        assert_eq!(
+            hub.module_hashes("s2", "catalog").unwrap().digest,
+            hub.module_hashes("s2", "catalog").unwrap().digest
+        );
+
+        // Paged one change at a time from zero, s1 ends with what the snapshot holds.
+        let mut cursor = 0;
+        let mut held: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            let (changes, next, more) = hub
+                .changes_since("s1", "catalog", cursor, 1)
+                .unwrap()
+                .unwrap();
+            for c in changes {
+                match c.body {
+                    ChangeBody::Put(json) => {
+                        held.insert(c.id, json);
+                    }
+                    ChangeBody::Delete => {
+                        held.remove(&c.id);
+                    }
+                    ChangeBody::Patch(_) => panic!("no version to patch from zero"),
+                }
+            }
+            cursor = next;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(cursor, head1);
+        assert_eq!(held.into_iter().collect::<Vec<_>>(), s1);
+
+        // The group changes b, which s1 overrides: s1 is told nothing, s2 is.
+        hub.put_record(&g, "catalog", &rec(r#"{"id":"b","p":5}"#))
+            .unwrap();
+        let (changes, c1, _) = hub
+            .changes_since("s1", "catalog", cursor, 100)
+            .unwrap()
+            .unwrap();
+        assert!(changes.is_empty(), "{changes:?}");
+        let (changes, _, _) = hub
+            .changes_since("s2", "catalog", head2, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!(changes.len(), 1);
+        // s1 drops its override of b: it gets the group's b whole; its own c is deleted.
+        assert!(hub.delete_record("s1", "catalog", "b", 1).unwrap());
+        assert!(hub.delete_record("s1", "catalog", "c", 1).unwrap());
+        let (changes, _, _) = hub
+            .changes_since("s1", "catalog", c1, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            changes,
+            [
+                Change {
+                    id: "b".into(),
+                    body: ChangeBody::Put(r#"{"id":"b","p":5}"#.into())
+                },
+                Change {
+                    id: "c".into(),
+                    body: ChangeBody::Delete
+                }
+            ]
+        );
+        // A cursor of the store's part beyond its head is refused, as for a plain module.
+        assert!(hub
+            .changes_since("s2", "catalog", (3 << 32) | 7, 10)
+            .unwrap()
+            .is_none());
+        // Modules kept per store, and stores in no group, are untouched by the layout.
+        assert_eq!(hub.module_head("s1", "config").unwrap(), 0);
+        assert_eq!(hub.snapshot("s3", "catalog").unwrap().0.len(), 0);
     }
 }
