@@ -172,6 +172,15 @@ pub struct SyncListener {
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+    /// Boxes connected at once at most; beyond, new connections wait in the kernel's
+    /// backlog. Each box keeps one connection open: a replica serving 2,000 boxes needs
+    /// 2,000, and as many file descriptors (`LimitNOFILE` in its unit).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    4096
 }
 
 /// The back-office listener.
@@ -314,6 +323,11 @@ impl HubConfig {
                 bail!("module {:?} is listed twice", module.name);
             }
         }
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&self.sync.max_connections),
+            "[sync] max_connections must be between 1 and 1000000, not {}",
+            self.sync.max_connections
+        );
         let mut stores = BTreeSet::new();
         for store in &self.stores {
             if !storebox_protocol::is_valid_module_name(&store.id) {

@@ -98,6 +98,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
             listen: ([127, 0, 0, 1], options.hub_port).into(),
             cert: "hub.crt".into(),
             key: "hub.key".into(),
+            max_connections: 4096,
         },
         admin: AdminListener {
             listen: ([127, 0, 0, 1], options.admin_port).into(),

@@ -284,8 +284,28 @@ fn open_store(config: &HubConfig) -> anyhow::Result<HubStore> {
     Ok(HubStore::with_backend(Box::new(backend), watchers).with_layout(config.layout()))
 }
 
+/// Raises the soft limit of open files to the hard one, as far as `wanted`: every connected
+/// box holds a descriptor, and the usual soft limit (1,024) is below a replica's fleet.
+fn raise_open_files(wanted: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let target = match limit.maximum {
+        Some(hard) => wanted.min(hard),
+        None => wanted,
+    };
+    if limit.current.is_some_and(|soft| soft >= target) {
+        return;
+    }
+    limit.current = Some(target);
+    if let Err(e) = setrlimit(Resource::Nofile, limit) {
+        tracing::warn!("could not raise the open files limit to {target}: {e}");
+    }
+}
+
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = HubConfig::load(path)?;
+    // The boxes, plus the database's connections, the admin API and the files of the hub.
+    raise_open_files(config.sync.max_connections as u64 + 1024);
     let store = Arc::new(open_store(&config)?);
     storehub::ota::prepare(&config.ota_dir(), &store)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -344,6 +364,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             // after the default 2 idle minutes would cost each poll a TLS handshake, five
             // times the poll itself on the shop's line (docs/PROTOCOL.md).
             idle_timeout: SYNC_IDLE_TIMEOUT,
+            max_connections: config.sync.max_connections,
             ..storebox_http::Limits::default()
         };
         tokio::spawn(storebox_http::serve_with(
