@@ -145,6 +145,7 @@ fn the_same_batch_pushed_to_two_replicas_at_once_is_stored_once() {
     let connection = storehub::store::postgres::Connection {
         url: database.url.clone(),
         pool_size: 4,
+        ca_cert: None,
     };
     storehub::store::postgres::migrate(&connection).unwrap();
     let replicas: Vec<_> = (0..2)
@@ -188,4 +189,54 @@ fn the_same_batch_pushed_to_two_replicas_at_once_is_stored_once() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 1000);
+}
+
+/// With `[database] ca_cert`, the hub talks to PostgreSQL over TLS, checks the server's
+/// certificate, and does not fall back to plain TCP.
+#[test]
+fn the_hub_reaches_postgresql_over_tls_only_with_the_right_ca() {
+    use storehub::store::Backend;
+    let database = support::pg::TlsDatabase::create();
+    let connection = storehub::store::postgres::Connection {
+        url: database.url.clone(),
+        pool_size: 2,
+        ca_cert: Some(database.ca_cert.clone()),
+    };
+    storehub::store::postgres::migrate(&connection).unwrap();
+    let backend = storehub::store::postgres::Postgres::open(connection.clone()).unwrap();
+    let event = storebox_protocol::PushedEvent {
+        id: "e-1".into(),
+        received_at_ms: 1,
+        event: r#"{"id":"e-1","type":"sale"}"#.into(),
+    };
+    assert_eq!(backend.push_activity("s", &[event], 2).unwrap().accepted, 1);
+    // The server sees the hub's connections encrypted.
+    let mut local = postgres::Client::connect(&database.socket_url(), postgres::NoTls).unwrap();
+    let row = local
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'storehub'",
+            &[],
+        )
+        .unwrap();
+    let (tls, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        all >= 1 && tls == all,
+        "{tls} of {all} connections over TLS"
+    );
+
+    // Another CA: the certificate is refused, and no plain connection is tried instead.
+    let other = support::pg::TlsDatabase::create();
+    let wrong = storehub::store::postgres::Connection {
+        ca_cert: Some(other.ca_cert.clone()),
+        ..connection.clone()
+    };
+    let e = storehub::store::postgres::migrate(&wrong).unwrap_err();
+    assert!(format!("{e:#}").contains("certificate"), "{e:#}");
+    // Without a CA the hub tries plain TCP, which this server refuses.
+    let plain = storehub::store::postgres::Connection {
+        ca_cert: None,
+        ..connection
+    };
+    assert!(storehub::store::postgres::migrate(&plain).is_err());
 }

@@ -166,8 +166,96 @@ fn as_postgres(program: PathBuf) -> Command {
     }
 }
 
+/// A private server that accepts TLS connections only, with a certificate for `localhost`
+/// and 127.0.0.1 from a CA of its own; plain connections from 127.0.0.1 are refused.
+pub struct TlsDatabase {
+    /// `postgres://postgres@localhost:PORT/postgres`: the name the certificate carries.
+    pub url: String,
+    /// The server's CA (PEM).
+    pub ca_cert: PathBuf,
+    server: PrivateServer,
+}
+
+impl TlsDatabase {
+    pub fn create() -> TlsDatabase {
+        std::thread::spawn(|| {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+            let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            let files = tempfile::tempdir().unwrap();
+            let ca_cert = files.path().join("db-ca.crt");
+            std::fs::write(&ca_cert, ca.pem()).unwrap();
+            let server = PrivateServer::start_with(|dir| {
+                let (crt, key_file) = (dir.join("server.crt"), dir.join("server.key"));
+                std::fs::write(&crt, cert.pem()).unwrap();
+                std::fs::write(&key_file, key.serialize_pem()).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+                if is_root() {
+                    for f in [&crt, &key_file] {
+                        let out = Command::new("chown")
+                            .arg("postgres:")
+                            .arg(f)
+                            .output()
+                            .unwrap();
+                        assert!(out.status.success(), "chown postgres: {out:?}");
+                    }
+                }
+                // TLS on, and plain TCP refused: only "hostssl" lines let clients in.
+                std::fs::write(
+                    dir.join("data").join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                )
+                .unwrap();
+                vec![
+                    "-c".into(),
+                    "ssl=on".into(),
+                    "-c".into(),
+                    format!("ssl_cert_file={}", crt.display()),
+                    "-c".into(),
+                    format!("ssl_key_file={}", key_file.display()),
+                ]
+            });
+            // Kept with the server, so the CA file lives as long as it does.
+            let ca_in_server = server.dir.path().join("db-ca.crt");
+            std::fs::copy(&ca_cert, &ca_in_server).unwrap();
+            TlsDatabase {
+                url: format!("postgres://postgres@localhost:{}/postgres", server.port),
+                ca_cert: ca_in_server,
+                server,
+            }
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// The server's socket directory, for a plain local connection that inspects it.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.server.dir.path().display(),
+            self.server.port
+        )
+    }
+}
+
 impl PrivateServer {
     fn start() -> PrivateServer {
+        PrivateServer::start_with(|_| Vec::new())
+    }
+
+    /// Starts a server; `configure` may write files into its directory (after `initdb`) and
+    /// answers extra arguments for `postgres`.
+    fn start_with(configure: impl FnOnce(&std::path::Path) -> Vec<String>) -> PrivateServer {
         let dir = tempfile::tempdir().unwrap();
         if is_root() {
             let out = Command::new("chown")
@@ -189,6 +277,7 @@ impl PrivateServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let extra = configure(dir.path());
         let port = super::free_port();
         let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
         let child = as_postgres(pg_bin("postgres"))
@@ -200,6 +289,7 @@ impl PrivateServer {
             // A test database need not survive a crash of the machine.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -207,7 +297,11 @@ impl PrivateServer {
             .unwrap();
         let server = PrivateServer { dir, port, child };
         // Called on a thread of its own (see `Database::create`).
-        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        // Readiness over the server's Unix socket: it answers whatever TLS rules apply to TCP.
+        let url = format!(
+            "host={} port={port} user=postgres dbname=postgres",
+            server.dir.path().display()
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if postgres::Client::connect(&url, postgres::NoTls).is_ok() {

@@ -56,6 +56,10 @@ pub struct DatabaseConfig {
     /// Connections this process opens at most; requests beyond wait for a free one.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// PEM file of the CA(s) the database server's certificate chains to: set, the hub
+    /// talks to PostgreSQL over TLS only, checking the server's name from `url`.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 fn default_pool_size() -> usize {
@@ -67,6 +71,7 @@ impl DatabaseConfig {
         crate::store::postgres::Connection {
             url: self.url.clone(),
             pool_size: self.pool_size,
+            ca_cert: self.ca_cert.clone(),
         }
     }
 }
@@ -290,6 +295,11 @@ impl HubConfig {
             &mut config.pki.ca_cert,
             &mut config.pki.ca_key,
         ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(p) = config.database.as_mut().and_then(|d| d.ca_cert.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

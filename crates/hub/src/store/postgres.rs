@@ -94,6 +94,9 @@ fn sql_seq(v: u64) -> i64 {
 pub struct Connection {
     pub url: String,
     pub pool_size: usize,
+    /// PEM certificates of the CAs the server's certificate must chain to; set, every
+    /// connection is TLS (1.2 or 1.3, rustls) and the server's name is checked.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl Connection {
@@ -105,14 +108,70 @@ impl Connection {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("storehub");
+        if self.ca_cert.is_some() {
+            // With a CA given, a server that does not offer TLS is refused, never used in
+            // the clear.
+            config.ssl_mode(postgres::config::SslMode::Require);
+        }
         Ok(config)
     }
 
-    fn connect(&self) -> anyhow::Result<Client> {
-        self.config()?
-            .connect(NoTls)
-            .map_err(|e| anyhow::anyhow!("connecting to PostgreSQL: {e}"))
+    /// The TLS client of database connections, from `ca_cert`.
+    fn tls(
+        &self,
+        path: &std::path::Path,
+    ) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| anyhow::anyhow!("[database] ca_cert {}: {e}", path.display()))?;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| anyhow::anyhow!("[database] ca_cert {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("[database] ca_cert {}: {e}", path.display()))?;
+        }
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "[database] ca_cert {} holds no certificate",
+            path.display()
+        );
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("setting up TLS to PostgreSQL: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
+
+    fn connect(&self) -> anyhow::Result<Client> {
+        let config = self.config()?;
+        let connected = match &self.ca_cert {
+            Some(path) => config.connect(self.tls(path)?),
+            None => config.connect(NoTls),
+        };
+        connected.map_err(|e| anyhow::anyhow!("connecting to PostgreSQL: {}", with_causes(&e)))
+    }
+}
+
+/// An error with its causes, "a: b: c": the `postgres` crate's own text stops at "error
+/// performing TLS handshake", without the certificate problem under it.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The schema version of a database: the number of migrations applied.
