@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, IsolationLevel, NoTls, Row, Transaction};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Transaction};
 use storebox_protocol::{CanonicalRecord, Change, PushedEvent};
 
 use super::ota::{BoxOta, BundleMeta, DeleteBundle, EffectiveTarget, PutBundle, TargetedBy, FLEET};
@@ -398,6 +398,15 @@ impl Postgres {
         Ok(out)
     }
 
+    /// One statement on its own: atomic without a transaction, in half the round trips.
+    fn direct<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.pool.get()?;
+        f(&mut client)
+    }
+
     /// A read-write transaction; with `durable` false, its commit does not wait for the
     /// database's disk (bookkeeping that the next contact replaces).
     fn write<T>(
@@ -767,7 +776,7 @@ impl<'t, 'c> ModuleWriter<'t, 'c> {
 
 /// (head, horizon) of a module; zeros for a module never written.
 fn read_head(
-    txn: &mut Transaction<'_>,
+    txn: &mut impl GenericClient,
     store: &str,
     module: &str,
 ) -> Result<(u64, u64), StoreError> {
@@ -797,7 +806,7 @@ fn value_of<T: serde::Serialize>(
     serde_json::to_value(value).map_err(|_| StoreError::Corrupt { what })
 }
 
-fn targeted_by_in(txn: &mut Transaction<'_>, version: &str) -> Result<TargetedBy, StoreError> {
+fn targeted_by_in(txn: &mut impl GenericClient, version: &str) -> Result<TargetedBy, StoreError> {
     let rows = txn
         .query(
             "SELECT key FROM ota_targets WHERE version = $1 ORDER BY key",
@@ -816,7 +825,10 @@ fn targeted_by_in(txn: &mut Transaction<'_>, version: &str) -> Result<TargetedBy
     Ok(by)
 }
 
-fn bundle_in(txn: &mut Transaction<'_>, version: &str) -> Result<Option<BundleMeta>, StoreError> {
+fn bundle_in(
+    txn: &mut impl GenericClient,
+    version: &str,
+) -> Result<Option<BundleMeta>, StoreError> {
     let row = txn
         .query_opt(
             "SELECT meta FROM ota_bundles WHERE version = $1",
@@ -976,7 +988,7 @@ impl Backend for Postgres {
     }
 
     fn module_head(&self, store: &str, module: &str) -> Result<u64, StoreError> {
-        self.read(|txn| Ok(read_head(txn, store, module)?.0))
+        self.direct(|c| Ok(read_head(c, store, module)?.0))
     }
 
     fn prune_tombstones(&self, before_ms: i64) -> Result<u64, StoreError> {
@@ -1100,11 +1112,11 @@ impl Backend for Postgres {
     }
 
     fn activity_high_water(&self, store: &str) -> Result<u64, StoreError> {
-        self.read(|txn| activity_head(txn, store))
+        self.direct(|c| activity_head(c, store))
     }
 
     fn box_report(&self, store: &str) -> Result<BoxReport, StoreError> {
-        self.read(|txn| {
+        self.direct(|txn| {
             let row = txn
                 .query_opt("SELECT report FROM box_reports WHERE store = $1", &[&store])
                 .ctx("reading a box report")?;
@@ -1145,7 +1157,7 @@ impl Backend for Postgres {
     }
 
     fn ota_bundles(&self) -> Result<Vec<(String, BundleMeta)>, StoreError> {
-        self.read(|txn| {
+        self.direct(|txn| {
             let rows = txn
                 .query(
                     "SELECT version, meta FROM ota_bundles ORDER BY version",
@@ -1164,11 +1176,11 @@ impl Backend for Postgres {
     }
 
     fn ota_bundle(&self, version: &str) -> Result<Option<BundleMeta>, StoreError> {
-        self.read(|txn| bundle_in(txn, version))
+        self.direct(|c| bundle_in(c, version))
     }
 
     fn ota_targeted_by(&self, version: &str) -> Result<TargetedBy, StoreError> {
-        self.read(|txn| targeted_by_in(txn, version))
+        self.direct(|c| targeted_by_in(c, version))
     }
 
     fn ota_put_bundle(&self, version: &str, meta: &BundleMeta) -> Result<PutBundle, StoreError> {
@@ -1248,7 +1260,7 @@ impl Backend for Postgres {
     }
 
     fn ota_targets(&self) -> Result<(Option<String>, BTreeMap<String, String>), StoreError> {
-        self.read(|txn| {
+        self.direct(|txn| {
             let rows = txn
                 .query("SELECT key, version FROM ota_targets", &[])
                 .ctx("scanning firmware targets")?;
@@ -1306,7 +1318,7 @@ impl Backend for Postgres {
     }
 
     fn ota_box(&self, store: &str) -> Result<BoxOta, StoreError> {
-        self.read(|txn| {
+        self.direct(|txn| {
             let row = txn
                 .query_opt("SELECT state FROM ota_boxes WHERE store = $1", &[&store])
                 .ctx("reading a firmware state")?;
@@ -1348,7 +1360,7 @@ impl Backend for Postgres {
     }
 }
 
-fn activity_head(txn: &mut Transaction<'_>, store: &str) -> Result<u64, StoreError> {
+fn activity_head(txn: &mut impl GenericClient, store: &str) -> Result<u64, StoreError> {
     let row = txn
         .query_opt(
             "SELECT head FROM activity_heads WHERE store = $1",
