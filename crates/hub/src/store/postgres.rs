@@ -258,20 +258,83 @@ struct Pool {
 }
 
 struct PoolState {
-    idle: Vec<Client>,
+    idle: Vec<Conn>,
     open: usize,
+}
+
+/// A connection and the statements prepared on it. PostgreSQL parses and plans a prepared
+/// statement once per connection, not on every call, and a call is one round trip, not two.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, postgres::Statement>,
+}
+
+impl Conn {
+    fn new(client: Client) -> Conn {
+        Conn {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+}
+
+/// Statements on a connection or in one of its transactions, each prepared on first use.
+struct Db<'a, C> {
+    c: &'a mut C,
+    statements: &'a mut HashMap<&'static str, postgres::Statement>,
+}
+
+type Params<'p> = &'p [&'p (dyn postgres::types::ToSql + Sync)];
+
+impl<C: GenericClient> Db<'_, C> {
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.c.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.c.query(&statement, params)
+    }
+
+    fn query_one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.c.query_one(&statement, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.c.query_opt(&statement, params)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.c.execute(&statement, params)
+    }
 }
 
 /// A connection taken from the pool; it goes back when dropped, unless it broke.
 struct Pooled<'p> {
     pool: &'p Pool,
-    client: Option<Client>,
+    client: Option<Conn>,
 }
 
 impl std::ops::Deref for Pooled<'_> {
-    type Target = Client;
+    type Target = Conn;
 
-    fn deref(&self) -> &Client {
+    fn deref(&self) -> &Conn {
         // Set from creation to drop.
         #[allow(clippy::expect_used)]
         self.client
@@ -281,7 +344,7 @@ impl std::ops::Deref for Pooled<'_> {
 }
 
 impl std::ops::DerefMut for Pooled<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
+    fn deref_mut(&mut self) -> &mut Conn {
         #[allow(clippy::expect_used)]
         self.client
             .as_mut()
@@ -293,7 +356,7 @@ impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
         match self.client.take() {
-            Some(client) if !client.is_closed() => state.idle.push(client),
+            Some(conn) if !conn.client.is_closed() => state.idle.push(conn),
             _ => state.open = state.open.saturating_sub(1),
         }
         self.pool.freed.notify_one();
@@ -317,7 +380,7 @@ impl Pool {
                 return match self.connection.connect() {
                     Ok(client) => Ok(Pooled {
                         pool: self,
-                        client: Some(client),
+                        client: Some(Conn::new(client)),
                     }),
                     Err(e) => {
                         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -373,7 +436,7 @@ impl Postgres {
             pool: Pool {
                 connection,
                 state: Mutex::new(PoolState {
-                    idle: vec![client],
+                    idle: vec![Conn::new(client)],
                     open: 1,
                 }),
                 freed: Condvar::new(),
@@ -384,16 +447,20 @@ impl Postgres {
     /// A read-only transaction over one snapshot of the database.
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Db<'_, Transaction<'_>>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut client = self.pool.get()?;
+        let mut pooled = self.pool.get()?;
+        let Conn { client, statements } = &mut *pooled;
         let mut txn = client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
             .ctx("starting a read")?;
-        let out = f(&mut txn)?;
+        let out = f(&mut Db {
+            c: &mut txn,
+            statements,
+        })?;
         txn.commit().ctx("ending a read")?;
         Ok(out)
     }
@@ -401,10 +468,14 @@ impl Postgres {
     /// One statement on its own: atomic without a transaction, in half the round trips.
     fn direct<T>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Db<'_, Client>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut client = self.pool.get()?;
-        f(&mut client)
+        let mut pooled = self.pool.get()?;
+        let Conn { client, statements } = &mut *pooled;
+        f(&mut Db {
+            c: client,
+            statements,
+        })
     }
 
     /// A read-write transaction; with `durable` false, its commit does not wait for the
@@ -412,15 +483,19 @@ impl Postgres {
     fn write<T>(
         &self,
         durable: bool,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Db<'_, Transaction<'_>>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut client = self.pool.get()?;
+        let mut pooled = self.pool.get()?;
+        let Conn { client, statements } = &mut *pooled;
         let mut txn = client.transaction().ctx("starting a write")?;
         if !durable {
             txn.batch_execute("SET LOCAL synchronous_commit = off")
                 .ctx("relaxing durability")?;
         }
-        let out = f(&mut txn)?;
+        let out = f(&mut Db {
+            c: &mut txn,
+            statements,
+        })?;
         txn.commit().ctx("committing a write")?;
         Ok(out)
     }
@@ -590,12 +665,17 @@ impl Row8 {
     }
 }
 
-const RECORD_COLUMNS: &str = "seq, deleted_at_ms, json, prev_seq, prev_json";
+/// The columns of a record after its id, as `Row8::from_row` reads them.
+macro_rules! record_columns {
+    () => {
+        "seq, deleted_at_ms, json, prev_seq, prev_json"
+    };
+}
 
 /// Writes to one module inside a transaction: the module's head row locked, the records
 /// touched read first, their new rows written in one statement at the end.
-struct ModuleWriter<'t, 'c> {
-    txn: &'t mut Transaction<'c>,
+struct ModuleWriter<'t, 'd, 'c> {
+    txn: &'t mut Db<'d, Transaction<'c>>,
     store: String,
     module: String,
     head: u64,
@@ -605,14 +685,14 @@ struct ModuleWriter<'t, 'c> {
     written: HashMap<String, Row8>,
 }
 
-impl<'t, 'c> ModuleWriter<'t, 'c> {
+impl<'t, 'd, 'c> ModuleWriter<'t, 'd, 'c> {
     /// Locks the module's head and reads the current rows of `ids` (`None`: all of them).
     fn open(
-        txn: &'t mut Transaction<'c>,
+        txn: &'t mut Db<'d, Transaction<'c>>,
         store: &str,
         module: &str,
         ids: Option<Vec<&str>>,
-    ) -> Result<ModuleWriter<'t, 'c>, StoreError> {
+    ) -> Result<ModuleWriter<'t, 'd, 'c>, StoreError> {
         txn.execute(
             "INSERT INTO module_heads (store, module) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&store, &module],
@@ -627,15 +707,18 @@ impl<'t, 'c> ModuleWriter<'t, 'c> {
         let head = seq(col(&row, 0)?);
         let rows = match ids {
             None => txn.query(
-                &format!(
-                    "SELECT id, {RECORD_COLUMNS} FROM records WHERE store = $1 AND module = $2"
+                concat!(
+                    "SELECT id, ",
+                    record_columns!(),
+                    " FROM records WHERE store = $1 AND module = $2"
                 ),
                 &[&store, &module],
             ),
             Some(ids) => txn.query(
-                &format!(
-                    "SELECT id, {RECORD_COLUMNS} FROM records \
-                     WHERE store = $1 AND module = $2 AND id = ANY($3)"
+                concat!(
+                    "SELECT id, ",
+                    record_columns!(),
+                    " FROM records WHERE store = $1 AND module = $2 AND id = ANY($3)"
                 ),
                 &[&store, &module, &ids],
             ),
@@ -776,7 +859,7 @@ impl<'t, 'c> ModuleWriter<'t, 'c> {
 
 /// (head, horizon) of a module; zeros for a module never written.
 fn read_head(
-    txn: &mut impl GenericClient,
+    txn: &mut Db<'_, impl GenericClient>,
     store: &str,
     module: &str,
 ) -> Result<(u64, u64), StoreError> {
@@ -806,7 +889,10 @@ fn value_of<T: serde::Serialize>(
     serde_json::to_value(value).map_err(|_| StoreError::Corrupt { what })
 }
 
-fn targeted_by_in(txn: &mut impl GenericClient, version: &str) -> Result<TargetedBy, StoreError> {
+fn targeted_by_in(
+    txn: &mut Db<'_, impl GenericClient>,
+    version: &str,
+) -> Result<TargetedBy, StoreError> {
     let rows = txn
         .query(
             "SELECT key FROM ota_targets WHERE version = $1 ORDER BY key",
@@ -826,7 +912,7 @@ fn targeted_by_in(txn: &mut impl GenericClient, version: &str) -> Result<Targete
 }
 
 fn bundle_in(
-    txn: &mut impl GenericClient,
+    txn: &mut Db<'_, impl GenericClient>,
     version: &str,
 ) -> Result<Option<BundleMeta>, StoreError> {
     let row = txn
@@ -910,15 +996,16 @@ impl Backend for Postgres {
         module: &str,
         id: &str,
     ) -> Result<Option<String>, StoreError> {
-        let mut client = self.pool.get()?;
-        let row = client
-            .query_opt(
-                "SELECT json FROM records \
+        self.direct(|client| {
+            let row = client
+                .query_opt(
+                    "SELECT json FROM records \
                  WHERE store = $1 AND module = $2 AND id = $3 AND deleted_at_ms IS NULL",
-                &[&store, &module, &id],
-            )
-            .ctx("reading a record")?;
-        row.map(|r| col(&r, 0)).transpose()
+                    &[&store, &module, &id],
+                )
+                .ctx("reading a record")?;
+            row.map(|r| col(&r, 0)).transpose()
+        })
     }
 
     fn changes_since(
@@ -939,9 +1026,11 @@ impl Backend for Postgres {
             let take = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
             let rows = txn
                 .query(
-                    &format!(
-                        "SELECT id, {RECORD_COLUMNS} FROM records \
-                         WHERE store = $1 AND module = $2 AND seq > $3 ORDER BY seq LIMIT $4"
+                    concat!(
+                        "SELECT id, ",
+                        record_columns!(),
+                        " FROM records WHERE store = $1 AND module = $2 AND seq > $3 \
+                         ORDER BY seq LIMIT $4"
                     ),
                     &[&store, &module, &sql_seq(cursor), &take],
                 )
@@ -1360,7 +1449,7 @@ impl Backend for Postgres {
     }
 }
 
-fn activity_head(txn: &mut impl GenericClient, store: &str) -> Result<u64, StoreError> {
+fn activity_head(txn: &mut Db<'_, impl GenericClient>, store: &str) -> Result<u64, StoreError> {
     let row = txn
         .query_opt(
             "SELECT head FROM activity_heads WHERE store = $1",
