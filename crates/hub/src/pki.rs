@@ -111,6 +111,19 @@ struct State {
     version: Option<i64>,
 }
 
+/// Another replica changed the shared PKI state between our read and our write: the change
+/// is redone on the newer state ([`Pki::retrying`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the PKI state changed on another replica at the same moment; try again")]
+pub struct Conflict;
+
+/// How many times a change lost to another replica's is redone before the caller is told.
+const CONFLICT_RETRIES: usize = 8;
+
+fn is_conflict(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Conflict>().is_some()
+}
+
 /// Where replicas keep the PKI state they share (the PostgreSQL backend), so that a box
 /// enrolled or renewed through one replica is known to all, and a revocation through one is
 /// refused by all. Each change is written whole, only over the version it was made from.
@@ -307,9 +320,7 @@ impl Pki {
             None => {
                 // Our change is lost; take theirs, so the caller's retry starts from it.
                 refresh(shared.as_ref(), state)?;
-                anyhow::bail!(
-                    "the PKI state changed on another replica at the same moment; try again"
-                )
+                Err(anyhow::Error::new(Conflict))
             }
         }
     }
@@ -317,14 +328,16 @@ impl Pki {
     /// A new one-time enrollment token for `store`, valid for `valid`.
     pub fn new_token(&self, store: &str, valid: Duration, now_ms: i64) -> anyhow::Result<String> {
         let token = crate::init::random_token()?;
-        let mut state = self.lock_for_change()?;
-        state.tokens.retain(|t| t.expires_ms > now_ms);
-        state.tokens.push(TokenEntry {
-            sha256: crate::sha256_hex(token.as_bytes()),
-            store: store.to_owned(),
-            expires_ms: now_ms.saturating_add(valid.as_millis() as i64),
-        });
-        self.save(&mut state)?;
+        self.retrying(|| {
+            let mut state = self.lock_for_change()?;
+            state.tokens.retain(|t| t.expires_ms > now_ms);
+            state.tokens.push(TokenEntry {
+                sha256: crate::sha256_hex(token.as_bytes()),
+                store: store.to_owned(),
+                expires_ms: now_ms.saturating_add(valid.as_millis() as i64),
+            });
+            self.save(&mut state)
+        })?;
         Ok(token)
     }
 
@@ -376,15 +389,35 @@ impl Pki {
         failures.push((store.to_owned(), now_ms));
     }
 
-    /// Runs `attempt` under the rate limit, counting its failure (but not the limit itself).
+    /// Runs `change` again, on the newer state, while it loses to another replica's change.
+    fn retrying<T>(&self, change: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let mut tries = 0;
+        loop {
+            match change() {
+                Err(e) if is_conflict(&e) && tries < CONFLICT_RETRIES => tries += 1,
+                result => return result,
+            }
+        }
+    }
+
+    /// Runs `attempt` under the rate limit, counting its failure (but not the limit itself),
+    /// and again while it loses to another replica's change.
     fn limited<T>(
         &self,
         store: &str,
         now_ms: i64,
-        attempt: impl FnOnce() -> Result<T, PkiError>,
+        attempt: impl Fn() -> Result<T, PkiError>,
     ) -> Result<T, PkiError> {
         self.check_rate(store, now_ms)?;
-        let result = attempt();
+        let mut tries = 0;
+        let result = loop {
+            match attempt() {
+                Err(PkiError::Internal(e)) if is_conflict(&e) && tries < CONFLICT_RETRIES => {
+                    tries += 1
+                }
+                result => break result,
+            }
+        };
         if matches!(
             result,
             Err(PkiError::Unauthorized(_) | PkiError::BadRequest(_) | PkiError::Revoked(_))
@@ -545,21 +578,23 @@ impl Pki {
     /// request on, and its device key can no longer renew. Answers how many certificates
     /// were still valid.
     pub fn revoke(&self, store: &str, now_ms: i64) -> anyhow::Result<usize> {
-        let mut state = self.lock_for_change()?;
-        let mut count = 0;
-        for issued in state.issued.values_mut() {
-            if issued.store == store && issued.revoked_ms.is_none() {
-                issued.revoked_ms = Some(now_ms);
-                if issued.not_after_ms > now_ms {
-                    count += 1;
+        self.retrying(|| {
+            let mut state = self.lock_for_change()?;
+            let mut count = 0;
+            for issued in state.issued.values_mut() {
+                if issued.store == store && issued.revoked_ms.is_none() {
+                    issued.revoked_ms = Some(now_ms);
+                    if issued.not_after_ms > now_ms {
+                        count += 1;
+                    }
                 }
             }
-        }
-        state.devices.remove(store);
-        state.tokens.retain(|t| t.store != store);
-        self.save(&mut state)?;
-        tracing::info!("revoked the box of store {store} ({count} valid certificates)");
-        Ok(count)
+            state.devices.remove(store);
+            state.tokens.retain(|t| t.store != store);
+            self.save(&mut state)?;
+            tracing::info!("revoked the box of store {store} ({count} valid certificates)");
+            Ok(count)
+        })
     }
 
     /// The certificates issued to `store`, newest first, and its device.
@@ -815,5 +850,68 @@ mod tests {
         let c = pki.challenge(later);
         let (public, sig) = prove(&device, "enroll", "s1", &c);
         assert!(pki.enroll("s1", &token, &public, &c, &sig, later).is_ok());
+    }
+
+    /// A shared state in memory that, once, lets another "replica" write between a change's
+    /// read and its write.
+    struct Racy {
+        stored: Mutex<Option<(i64, Vec<u8>)>>,
+        race_once: Mutex<Option<Vec<u8>>>,
+    }
+
+    impl SharedPkiState for Racy {
+        fn load(&self) -> anyhow::Result<Option<(i64, Vec<u8>)>> {
+            Ok(self.stored.lock().unwrap().clone())
+        }
+
+        fn store(&self, version: Option<i64>, bytes: &[u8]) -> anyhow::Result<Option<i64>> {
+            let mut stored = self.stored.lock().unwrap();
+            if let Some(theirs) = self.race_once.lock().unwrap().take() {
+                let v = stored.as_ref().map_or(1, |(v, _)| v + 1);
+                *stored = Some((v, theirs));
+            }
+            let current = stored.as_ref().map(|(v, _)| *v);
+            if current != version {
+                return Ok(None);
+            }
+            let v = current.map_or(1, |v| v + 1);
+            *stored = Some((v, bytes.to_vec()));
+            Ok(Some(v))
+        }
+    }
+
+    #[test]
+    fn a_change_lost_to_another_replica_is_redone_on_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_700_000_000_000;
+        let shared = std::sync::Arc::new(Racy {
+            stored: Mutex::new(None),
+            race_once: Mutex::new(None),
+        });
+        struct Handle(std::sync::Arc<Racy>);
+        impl SharedPkiState for Handle {
+            fn load(&self) -> anyhow::Result<Option<(i64, Vec<u8>)>> {
+                self.0.load()
+            }
+            fn store(&self, v: Option<i64>, b: &[u8]) -> anyhow::Result<Option<i64>> {
+                self.0.store(v, b)
+            }
+        }
+        let a = pki(dir.path(), Duration::from_secs(3600))
+            .with_shared_state(Box::new(Handle(shared.clone())))
+            .unwrap();
+        // The other replica's write: a token for s2, on the state as stored now.
+        let mut theirs: State = serde_json::from_slice(&shared.load().unwrap().unwrap().1).unwrap();
+        theirs.tokens.push(TokenEntry {
+            sha256: "ab".repeat(32),
+            store: "s2".into(),
+            expires_ms: now + 60_000,
+        });
+        *shared.race_once.lock().unwrap() = Some(serde_json::to_vec(&theirs).unwrap());
+
+        a.new_token("s1", Duration::from_secs(60), now).unwrap();
+        let stored: State = serde_json::from_slice(&shared.load().unwrap().unwrap().1).unwrap();
+        let stores: Vec<&str> = stored.tokens.iter().map(|t| t.store.as_str()).collect();
+        assert_eq!(stores, ["s2", "s1"], "both changes kept");
     }
 }
