@@ -84,6 +84,8 @@ const BASELINE_CALLS: usize = 200;
 const ADMIN_WORKERS: usize = 2;
 /// Concurrent enrollments, spread over the replicas.
 const ENROLL_WORKERS: usize = 4;
+/// Retries of one enrollment that lost a race for the PKI state.
+const ENROLL_ATTEMPTS: usize = 20;
 /// `[database] pool_size` of each replica: a little over the default 16, since each
 /// replica takes 2,500 boxes, and far under what 2 replicas may open on the bench's server.
 const POOL_SIZE: usize = 24;
@@ -206,6 +208,15 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// The end of every node's log, for an error's context.
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {}:\n{}", n.name, n.proc.tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The node box `i` talks to: the replicas in turn.
     fn serving(&self, i: usize) -> &Node {
         &self.nodes[i % self.nodes.len()]
@@ -340,10 +351,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         )),
     );
     let t = Instant::now();
-    let tls = enroll_all(&cluster, &stores).await?;
+    let (tls, enroll_retries) = enroll_all(&cluster, &stores)
+        .await
+        .with_context(|| format!("enrolling the boxes; the hubs' logs:\n{}", cluster.logs()))?;
     let enroll_time = t.elapsed();
     println!(
-        "{} boxes enrolled in {:.1} s through {} replica(s)",
+        "{} boxes enrolled in {:.1} s through {} replica(s), {enroll_retries} retried",
         tls.len(),
         enroll_time.as_secs_f64(),
         cluster.nodes.len()
@@ -556,6 +569,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             "import_s": round3(import_time.as_secs_f64()),
             "group_catalog_import_s": group_import.map(|d| round3(d.as_secs_f64())),
             "enroll_s": round3(enroll_time.as_secs_f64()),
+            "enroll_retries": enroll_retries,
             "import_ndjson_bytes_per_store": per_store_bytes,
             "catalog_ndjson_bytes": catalog_body.len(),
             "max_connections_per_process": max_connections,
@@ -922,10 +936,11 @@ async fn check_module_state(
 
 /// Enrolls every store's box, as its technician would, `ENROLL_WORKERS` at once spread over
 /// the replicas: every replica knows each box at once, whichever enrolled it.
+/// Answers the boxes' TLS configurations and the enrollments that had to be retried.
 async fn enroll_all(
     cluster: &Cluster,
     stores: &[String],
-) -> anyhow::Result<Vec<Arc<rustls::ClientConfig>>> {
+) -> anyhow::Result<(Vec<Arc<rustls::ClientConfig>>, usize)> {
     let mut conns = Vec::new();
     for node in &cluster.nodes {
         let conn = client::connect(node.sync, client::anonymous_tls(cluster.roots.clone())?)
@@ -934,10 +949,11 @@ async fn enroll_all(
         conns.push(conn);
     }
     let next = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for w in 0..ENROLL_WORKERS {
         let conn = conns[w % conns.len()].clone();
-        let (next, roots) = (next.clone(), cluster.roots.clone());
+        let (next, roots, retries) = (next.clone(), cluster.roots.clone(), retries.clone());
         let (dir, stores) = (cluster.dir.clone(), stores.to_vec());
         workers.push(tokio::spawn(async move {
             let mut done = Vec::new();
@@ -947,7 +963,25 @@ async fn enroll_all(
                     return anyhow::Ok(done);
                 }
                 let token = box_token(&dir, &stores[i])?;
-                let tls = client::enroll(&conn, &stores[i], &token, roots.clone()).await?;
+                // Each enrollment rewrites the hub's whole PKI state with a version check:
+                // two replicas enrolling at the same moment make one of them fail with a
+                // 500 "PKI failure" (its log: "changed on another replica ... try again").
+                // A technician would try again, and so does the bench, counting them.
+                let mut attempt = 0;
+                let tls = loop {
+                    match client::enroll(&conn, &stores[i], &token, roots.clone()).await {
+                        Ok(tls) => break tls,
+                        Err(e)
+                            if attempt < ENROLL_ATTEMPTS
+                                && format!("{e:#}").contains("HTTP 500") =>
+                        {
+                            attempt += 1;
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
                 done.push((i, tls));
             }
         }));
@@ -958,11 +992,12 @@ async fn enroll_all(
             configs[i] = Some(tls);
         }
     }
-    configs
+    let configs = configs
         .into_iter()
         .enumerate()
         .map(|(i, c)| c.with_context(|| format!("store {} was not enrolled", stores[i])))
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((configs, retries.load(Ordering::Relaxed)))
 }
 
 /// The one-time enrollment token `storehub init` wrote into a store's box config.
@@ -1533,9 +1568,9 @@ impl Measured<'_> {
             },
             Row {
                 what: format!(
-                    "Chain-wide price change: {} to the changed record pulled",
+                    "Chain-wide price change: from {} to the changed record pulled",
                     if plan.per_store {
-                        "first of the per-store admin writes"
+                        "the first of the per-store admin writes"
                     } else {
                         "the one admin write to the group's record"
                     }
@@ -1815,8 +1850,7 @@ impl Measured<'_> {
         let _ = writeln!(
             md,
             "\nSetup: hubs started in {:.1} s, stores filled in {:.1} s{}, boxes enrolled in \
-             {:.1} s through {} process(es), every replica started before the first \
-             enrollment.{} The hubs, {}the bench's boxes and this report share the machine's \
+             {:.1} s through {} process(es){}.{} The hubs, {}the bench's boxes and this report share the machine's \
              CPUs. Details: `{}.json`. Reproduce: `cargo build --release --workspace --bins \
              && cargo run --release -p storebox-bench -- fleet{args}`.",
             self.setup["hub_start_s"].as_f64().unwrap_or(0.0),
@@ -1828,6 +1862,17 @@ impl Measured<'_> {
                 )),
             self.setup["enroll_s"].as_f64().unwrap_or(0.0),
             names.len(),
+            if names.len() > 1 {
+                format!(
+                    ", {ENROLL_WORKERS} at once, every replica started before the first; {} \
+                     enrollment(s) lost a race for the PKI state between replicas (HTTP 500, \
+                     \"changed on another replica at the same moment; try again\" in the hub's \
+                     log) and were retried",
+                    self.setup["enroll_retries"]
+                )
+            } else {
+                String::new()
+            },
             match self.setup["bench_postgres"].as_object() {
                 Some(pg) => format!(
                     " PostgreSQL: the bench's own throwaway server ({}, on 127.0.0.1), started \
