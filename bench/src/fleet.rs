@@ -425,7 +425,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
 
     // 4. Ramp, under the guard that keeps the hubs from taking the machine down.
     let idle_rss = node_stats(&cluster, rss_kib)?;
-    let guard = Guard::start(&cluster, rss_budget_kib());
+    let db_root = server.as_ref().and_then(pg::Server::postmaster);
+    let guard = Guard::start(&cluster, db_root, rss_budget_kib());
     let mut aborted = guard.aborted.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = Vec::with_capacity(plan.boxes);
@@ -466,6 +467,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         connected: 0,
     };
     let mut writes = None;
+    let mut waits = None;
     let window_end = window_start + plan.measure;
     if until(window_start, &mut aborted).await {
         connected_at_start = fleet.connected.load(Ordering::Relaxed);
@@ -474,6 +476,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             plan.measure.as_secs()
         );
         guard.mark_window_start();
+        if let Some((url, _)) = &cluster.database {
+            waits = Some(pg::WaitSampler::start(url.clone(), Duration::from_secs(1)));
+        }
     }
     if until(
         window_start + plan.measure.mul_f64(plan.change_at),
@@ -520,6 +525,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     }
     until(window_end, &mut aborted).await;
     let window = guard.mark_window_end();
+    let waits = match waits {
+        Some(sampler) => Some(sampler.stop().await),
+        None => None,
+    };
     let mut change_error = None;
     if let Some(writes) = writes {
         let deadline = Instant::now() + plan.change_timeout;
@@ -586,6 +595,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         change_error,
         abort_reason,
         db: (db_after_import, db_end),
+        waits,
         connected_at_start,
     };
     let (results, table) = measured.report()?;
@@ -857,6 +867,44 @@ fn node_stats(
         .iter()
         .map(|n| f(n.proc.pid).with_context(|| format!("reading the figures of hub {}", n.name)))
         .collect()
+}
+
+/// utime + stime of a process and its children (alive: read here; gone: counted in the
+/// root's cutime + cstime once reaped), in clock ticks: PostgreSQL's postmaster and its
+/// backends. Nothing when the root is gone.
+fn tree_ticks(root: u32) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = text
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // Field n of proc(5) is fields[n - 3].
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let ppid = field(4).unwrap_or(0);
+        if pid == root {
+            total += [14, 15, 16, 17]
+                .iter()
+                .filter_map(|&n| field(n))
+                .sum::<u64>();
+        } else if ppid == u64::from(root) {
+            total += [14, 15].iter().filter_map(|&n| field(n)).sum::<u64>();
+        }
+    }
+    total
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -1151,13 +1199,16 @@ struct Sample {
     ticks: Vec<u64>,
     rss: Vec<u64>,
     own_ticks: u64,
+    /// The bench's PostgreSQL server, all its processes.
+    db_ticks: Option<u64>,
 }
 
-/// The figures of the measured window, per hub process in group order.
+/// The figures of the measured window, per hub process.
 struct Window {
     secs: f64,
     cpu_ticks: Vec<u64>,
     own_ticks: u64,
+    db_ticks: Option<u64>,
     end_rss: Vec<u64>,
     peak_rss: Vec<u64>,
 }
@@ -1174,12 +1225,14 @@ struct GuardState {
 /// the memory budget: the hubs share this machine with other work.
 struct Guard {
     pids: Vec<u32>,
+    db_root: Option<u32>,
     state: Arc<std::sync::Mutex<GuardState>>,
     aborted: tokio::sync::watch::Receiver<bool>,
 }
 
-fn sample(pids: &[u32]) -> anyhow::Result<Sample> {
+fn sample(pids: &[u32], db_root: Option<u32>) -> anyhow::Result<Sample> {
     Ok(Sample {
+        db_ticks: db_root.map(tree_ticks),
         at: Instant::now(),
         ticks: pids
             .iter()
@@ -1194,7 +1247,7 @@ fn sample(pids: &[u32]) -> anyhow::Result<Sample> {
 }
 
 impl Guard {
-    fn start(cluster: &Cluster, budget_kib: u64) -> Guard {
+    fn start(cluster: &Cluster, db_root: Option<u32>, budget_kib: u64) -> Guard {
         let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.proc.pid).collect();
         let state = Arc::new(std::sync::Mutex::new(GuardState {
             peak: vec![0; pids.len()],
@@ -1207,7 +1260,9 @@ impl Guard {
             loop {
                 tick.tick().await;
                 // A hub that exited is reported by the run's own checks.
-                let Ok(now) = sample(&watched) else { return };
+                let Ok(now) = sample(&watched, db_root) else {
+                    return;
+                };
                 let total: u64 = now.rss.iter().sum();
                 let mut state = lock(&shared);
                 for (peak, rss) in state.peak.iter_mut().zip(&now.rss) {
@@ -1234,6 +1289,7 @@ impl Guard {
         });
         Guard {
             pids,
+            db_root,
             state,
             aborted: rx,
         }
@@ -1247,7 +1303,7 @@ impl Guard {
         let now = if self.aborted() {
             None
         } else {
-            sample(&self.pids).ok()
+            sample(&self.pids, self.db_root).ok()
         };
         lock(&self.state).window_start = now;
     }
@@ -1257,7 +1313,7 @@ impl Guard {
         let now = if self.aborted() {
             None
         } else {
-            sample(&self.pids).ok()
+            sample(&self.pids, self.db_root).ok()
         };
         let mut state = lock(&self.state);
         if let Some(now) = now {
@@ -1269,6 +1325,7 @@ impl Guard {
                 secs: 0.0,
                 cpu_ticks: vec![0; n],
                 own_ticks: 0,
+                db_ticks: None,
                 end_rss: vec![0; n],
                 peak_rss: state.peak.clone(),
             };
@@ -1288,6 +1345,10 @@ impl Guard {
                 .map(|(e, s)| e.saturating_sub(*s))
                 .collect(),
             own_ticks: end.own_ticks.saturating_sub(start.own_ticks),
+            db_ticks: end
+                .db_ticks
+                .zip(start.db_ticks)
+                .map(|(e, s)| e.saturating_sub(s)),
             end_rss: end.rss,
             peak_rss,
         }
@@ -1382,6 +1443,8 @@ struct Measured<'a> {
     change_error: Option<String>,
     abort_reason: Option<String>,
     db: (u64, u64),
+    /// What the database's sessions were doing over the window, sampled.
+    waits: Option<pg::Waits>,
     connected_at_start: usize,
 }
 
@@ -1492,6 +1555,7 @@ impl Measured<'_> {
             0.0
         };
         let bench_cores = self.window.own_ticks as f64 / clk / window;
+        let db_cores = self.window.db_ticks.map(|t| t as f64 / clk / window);
 
         // The chain-wide change.
         let change_start_us = self
@@ -1612,9 +1676,10 @@ impl Measured<'_> {
             Row {
                 what: "Hub CPU over the window (utime + stime)".into(),
                 figure: format!(
-                    "{:.2} cores in all, {:.2} cores per 1,000 boxes (the bench's boxes: {bench_cores:.2} cores)",
+                    "{:.2} cores in all, {:.2} cores per 1,000 boxes (the bench's boxes: {bench_cores:.2} cores{})",
                     cpu_total,
-                    per_k(cpu_total)
+                    per_k(cpu_total),
+                    db_cores.map_or(String::new(), |c| format!("; PostgreSQL: {c:.2} cores"))
                 ),
                 target: "–".into(),
                 met: None,
@@ -1728,6 +1793,8 @@ impl Measured<'_> {
                 "rss_end_per_1000_boxes_kib": round3(per_k(rss_end as f64)),
             },
             "bench_cpu_cores": round3(bench_cores),
+            "postgres_cpu_cores": db_cores.map(round3),
+            "postgres_sessions": self.waits.as_ref().map(pg::Waits::json),
             "change": {
                 "audience": self.change.connected,
                 "reached": reached.len(),
@@ -1827,6 +1894,9 @@ impl Measured<'_> {
                 kib("rss_end_kib"),
                 kib("rss_peak_kib"),
             );
+        }
+        if let Some(waits) = &self.waits {
+            md.push_str(&waits.markdown());
         }
         if !first_errors.is_empty() {
             md.push_str("\nFirst errors seen (one of each kind):\n\n");

@@ -120,7 +120,7 @@ impl Server {
     }
 
     /// The postmaster's pid, from its pid file.
-    fn postmaster(&self) -> Option<u32> {
+    pub fn postmaster(&self) -> Option<u32> {
         std::fs::read_to_string(self.data.join("postmaster.pid"))
             .ok()?
             .lines()
@@ -208,5 +208,97 @@ fn as_postgres(program: PathBuf) -> Command {
         c
     } else {
         Command::new(program)
+    }
+}
+
+/// What the hubs' database sessions were doing, sampled from `pg_stat_activity`: per state
+/// and wait event, how many sessions were seen in it over how many samples.
+pub struct Waits {
+    samples: u64,
+    seen: std::collections::BTreeMap<String, u64>,
+}
+
+impl Waits {
+    pub fn json(&self) -> Value {
+        json!({
+            "samples": self.samples,
+            "mean_sessions": self.sorted().iter().map(|(k, n)| {
+                json!({"what": k, "mean": (**n as f64 / self.samples.max(1) as f64 * 100.0).round() / 100.0})
+            }).collect::<Vec<_>>(),
+        })
+    }
+
+    fn sorted(&self) -> Vec<(&String, &u64)> {
+        let mut v: Vec<_> = self.seen.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        v
+    }
+
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut md = format!(
+            "\nThe hubs' PostgreSQL sessions over the window (`pg_stat_activity`, {} samples, \
+             one a second): mean sessions per state and wait event.\n\n\
+             | State / wait event | Mean sessions |\n|---|---|\n",
+            self.samples
+        );
+        for (what, n) in self.sorted().into_iter().take(12) {
+            let _ = writeln!(
+                md,
+                "| {what} | {:.2} |",
+                *n as f64 / self.samples.max(1) as f64
+            );
+        }
+        md
+    }
+}
+
+/// Samples `pg_stat_activity` of the hubs' database until stopped.
+pub struct WaitSampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Waits>,
+}
+
+impl WaitSampler {
+    pub fn start(url: String, every: Duration) -> WaitSampler {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut waits = Waits {
+                samples: 0,
+                seen: Default::default(),
+            };
+            // The hubs' sessions: client backends on this database but this query's own.
+            let sql = "select state || coalesce(' / ' || wait_event_type || ':' || wait_event, ''), count(*) \
+                       from pg_stat_activity where backend_type = 'client backend' \
+                       and datname = current_database() and pid <> pg_backend_pid() group by 1";
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => return waits,
+                }
+                let url = url.clone();
+                let Ok(Ok(text)) = tokio::task::spawn_blocking(move || query(&url, sql)).await
+                else {
+                    continue;
+                };
+                waits.samples += 1;
+                for line in text.lines() {
+                    if let Some((what, n)) = line.rsplit_once('|') {
+                        *waits.seen.entry(what.to_owned()).or_default() +=
+                            n.trim().parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        });
+        WaitSampler { stop, task }
+    }
+
+    pub async fn stop(self) -> Waits {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or(Waits {
+            samples: 0,
+            seen: Default::default(),
+        })
     }
 }
