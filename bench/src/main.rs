@@ -48,7 +48,8 @@ const USAGE: &str = "usage: bench [core|storage|bandwidth|link|fleet] [--quick] 
   link      payment terminals while the box syncs on emulated shop lines, controller on/off/
             capped (as root; ~20 min, --quick ~6 min); `4/1` or `20/2` for one line only
   fleet     the hub under N light boxes: latencies, CPU, memory, a chain-wide change
-            (5,000 boxes: ~10 min; --quick: 200 boxes, about a minute)
+            (5,000 boxes: 10 to 20 min, of which ~9 min enrolling them on PostgreSQL;
+            --quick: 200 boxes, about a minute)
   --quick   shorter runs (core ~40 s, storage ~1 min, fleet <1 min)
 
 fleet options:
