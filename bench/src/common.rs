@@ -35,7 +35,38 @@ pub fn children() -> MutexGuard<'static, Vec<Child>> {
     CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Processes that are not the bench's children but must stop with it: a server started
+/// through `runuser`, which forks, so that killing the child would leave the server.
+static QUIT_ON_EXIT: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Sends `pid` SIGQUIT when the children are killed (PostgreSQL's immediate shutdown).
+pub fn quit_on_exit(pid: u32) {
+    QUIT_ON_EXIT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(pid);
+}
+
+/// Undoes [`quit_on_exit`], once the process was stopped otherwise.
+pub fn forget_quit_on_exit(pid: u32) {
+    QUIT_ON_EXIT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|&p| p != pid);
+}
+
+pub fn signal_quit(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::QUIT);
+    }
+}
+
 pub fn kill_all_children() {
+    if let Ok(pids) = QUIT_ON_EXIT.try_lock() {
+        for &pid in pids.iter() {
+            signal_quit(pid);
+        }
+    }
     // try_lock: a panic while the list is held must not deadlock the hook.
     let mut list = match CHILDREN.try_lock() {
         Ok(list) => list,

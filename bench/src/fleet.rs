@@ -1,42 +1,49 @@
 //! `bench fleet`: the hub under a fleet of boxes. Real `storehub serve` processes on
-//! 127.0.0.1, N stores with their credentials and a chain-wide catalog, and N light boxes
-//! ([`client`]) in this process, each on its own HTTP/2 + TLS connection with its own client
-//! certificate, doing what a box does: the change watch, delta pulls, activity push at the
-//! shop's rate, one full sync spread over the run.
+//! 127.0.0.1, N stores of one chain with their credentials and the chain's catalog, and N
+//! light boxes ([`client`]) in this process, each on its own HTTP/2 + TLS connection with its
+//! own client certificate, doing what a box does: the change watch, delta pulls, activity
+//! push at the shop's rate, one full sync spread over the run.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
 //! cargo run --release -p storebox-bench -- fleet [--boxes N] [--quick] [--products N]
-//!     [--measure SECS] [--backend embedded|postgres --database-url postgres://...]
+//!     [--measure SECS] [--backend embedded|postgres [--database-url postgres://...]]
+//!     [--replicas N] [--per-store]
 //! ```
 //!
 //! The run, in order:
 //!
-//! 1. **Hubs.** `--backend embedded`: the redb store is one process's, so each database
-//!    has one `storehub serve`. A hub accepts at most [`storebox_http::Limits`]' connection
-//!    cap at once (512, not configurable in `hub.toml` today), so a fleet larger than that
-//!    is served by several hubs, each with its own database and its share of the stores
-//!    (`storehub init` per hub). `--backend postgres`: one database, two replicas (more if
-//!    the fleet needs them for the cap) started from configs that differ only in their
-//!    ports, after `storehub migrate`.
+//! 1. **Hubs.** `storehub init` for every store, then its `hub.toml` edited as a chain's
+//!    would be: the catalog module `scope = "group"` and every store in group `chain`
+//!    (unless `--per-store`), `[sync] max_connections` set to the boxes each process takes.
+//!    `--backend embedded`: the redb store is one process's, so one `storehub serve` takes
+//!    the whole fleet. `--backend postgres`: `--replicas` replicas (2 by default) on one
+//!    database, from configs that differ only in their ports, after `storehub migrate`, all
+//!    started before any box enrolls (the PKI state is in the database). Without
+//!    `--database-url`, the bench runs its own throwaway PostgreSQL ([`pg`]).
 //! 2. **Stores.** The first `--products` products of the generated catalog
-//!    (`storebox_sim::generate_store(1)`) imported into every store through the admin API
-//!    (per store: the group scope does not exist yet), then every box enrolled through
-//!    `/pki/v1/` with the token `storehub init` wrote for it and a key made here.
-//! 3. **Baseline.** One box alone on the idle hub: its handshake, idle delta pulls and
-//!    single-sale pushes one at a time. The fleet's latencies are also given as ratios to
-//!    these, since this machine is shared and noisy.
-//! 4. **Ramp.** The boxes connect over the ramp, a bounded number of TLS handshakes at once.
+//!    (`storebox_sim::generate_store(1)`) imported once into the chain's group (or, with
+//!    `--per-store`, into every store), the other modules into every store, then every box
+//!    enrolled through `/pki/v1/` with the token `storehub init` wrote for it and a key made
+//!    here, the enrollments spread over the replicas.
+//! 3. **Baseline.** One box alone on the idle hub: a cold full sync (which gives every box
+//!    the cursors and digests it holds), its handshake, idle delta pulls and single-sale
+//!    pushes one at a time. The fleet's latencies are also given as ratios to these, since
+//!    this machine is shared and noisy.
+//! 4. **Ramp.** The boxes connect over the ramp, a bounded number of TLS handshakes at once,
+//!    box `i` to replica `i mod replicas`.
 //! 5. **Measured window.** Hub CPU (utime + stime from `/proc/PID/stat`) over the window,
 //!    RSS at its end; every call sent inside it is timed. Part way in, the chain-wide price
-//!    change: one catalog record rewritten in every store through the admin API; a box is
-//!    reached when its client has pulled the changed record.
-//! 6. **Results** in `bench/results/fleet.{json,md}` (`fleet-quick.*` for `--quick`), each
-//!    figure next to its target.
+//!    change: one write to the group's catalog record through the admin API (`--per-store`:
+//!    one write per store); a box is reached when its client has pulled the changed record.
+//! 6. **Results** in `bench/results/fleet.{json,md}` for PostgreSQL, `fleet-embedded.*` for
+//!    the embedded backend; `-quick` and `-per-store` runs keep files of their own.
 //!
-//! Every child process is killed when the run ends, fails, panics or is interrupted.
+//! Every child process is killed when the run ends, fails, panics or is interrupted; the
+//! bench's own PostgreSQL is shut down then too.
 
 mod client;
+mod pg;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -60,27 +67,41 @@ use crate::common::{
 };
 use client::{BoxReport, BoxSpec, Fleet, Product};
 
-/// Connections a hub is left below its listener's cap: the bench's own admin and
-/// enrollment connections go to the admin listener or come before the boxes, but a box
-/// that reconnects must not find the door shut.
-const CAP_MARGIN: usize = 12;
+/// Connections a hub's sync listener is given above its share of the boxes: the baseline
+/// box and the enrollment connections come before the fleet, but a box that reconnects must
+/// not find the door shut.
+const CAP_MARGIN: usize = 64;
 /// The catalog record the chain-wide change rewrites.
 const TARGET_ID: &str = "P000001";
+/// The group every store of the run belongs to, unless `--per-store`.
+const CHAIN: &str = "chain";
+/// The module the chain shares.
+const SHARED_MODULE: &str = "catalog";
 /// Round trips of the idle baseline.
 const BASELINE_CALLS: usize = 200;
-/// Concurrent admin calls per hub during the imports and the chain-wide change: the hub's
+/// Concurrent admin calls during the per-store imports and a per-store change: the hub's
 /// writes are serialised by its database, more would only queue.
 const ADMIN_WORKERS: usize = 2;
-/// Concurrent enrollments per hub (each one rewrites the hub's PKI state file).
+/// Concurrent enrollments, spread over the replicas.
 const ENROLL_WORKERS: usize = 4;
+/// Retries of one enrollment that lost a race for the PKI state (another writer of it: a
+/// hub's replica, or the bench's admin calls).
+const ENROLL_ATTEMPTS: usize = 50;
+/// `[database] pool_size` of each replica: a little over the default 16, since each
+/// replica takes 2,500 boxes, and far under what 2 replicas may open on the bench's server.
+const POOL_SIZE: usize = 24;
 
 /// Where the hubs keep their data.
 #[derive(Debug, Clone)]
 pub enum Backend {
-    /// redb, one process per database.
+    /// redb, one process.
     Embedded,
-    /// One PostgreSQL database shared by the replicas (`[database] url` in `hub.toml`).
-    Postgres { url: String },
+    /// One PostgreSQL database shared by the replicas (`[database] url` in `hub.toml`): the
+    /// one at `url`, or a throwaway server the bench starts.
+    Postgres {
+        url: Option<String>,
+        replicas: usize,
+    },
 }
 
 /// The run's parameters.
@@ -88,6 +109,8 @@ pub struct Plan {
     quick: bool,
     boxes: usize,
     backend: Backend,
+    /// The catalog kept per store and changed by one write per store, instead of shared.
+    per_store: bool,
     products: usize,
     /// How long the connections take to open, spread evenly.
     ramp: Duration,
@@ -111,6 +134,7 @@ impl Plan {
         backend: Backend,
         products: Option<usize>,
         measure: Option<u64>,
+        per_store: bool,
     ) -> Plan {
         let boxes = boxes.unwrap_or(if quick { 200 } else { 5_000 }).max(1);
         let measure = Duration::from_secs(measure.unwrap_or(if quick { 20 } else { 180 }));
@@ -118,6 +142,7 @@ impl Plan {
             quick,
             boxes,
             backend,
+            per_store,
             products: products
                 .unwrap_or(if quick { 500 } else { 2_000 })
                 .clamp(1, storebox_sim::PRODUCT_COUNT),
@@ -138,26 +163,65 @@ impl Plan {
             handshakes: 16,
         }
     }
+
+    fn replicas(&self) -> usize {
+        match self.backend {
+            Backend::Embedded => 1,
+            Backend::Postgres { replicas, .. } => replicas.max(1),
+        }
+    }
+
+    /// The results' file name: the target setup (PostgreSQL, shared catalog) is `fleet`.
+    fn results_name(&self) -> String {
+        let mut name = String::from("fleet");
+        if self.quick {
+            name.push_str("-quick");
+        }
+        if matches!(self.backend, Backend::Embedded) {
+            name.push_str("-embedded");
+        }
+        if self.per_store {
+            name.push_str("-per-store");
+        }
+        name
+    }
 }
 
 /// One `storehub serve`.
 struct Node {
     name: String,
     proc: Proc,
-    config: PathBuf,
     data_dir: PathBuf,
     sync: SocketAddr,
     admin: SocketAddr,
     auth: String,
 }
 
-/// One database and the replicas serving it.
-struct Group {
+/// The hub processes of the run: one embedded hub, or the replicas of one database.
+struct Cluster {
     dir: PathBuf,
     nodes: Vec<Node>,
-    /// Indexes of the run's stores this group holds.
-    stores: std::ops::Range<usize>,
     roots: Arc<rustls::RootCertStore>,
+    /// `[sync] max_connections` of each process.
+    max_connections: usize,
+    /// `[database] url` and `pool_size` of each replica, for PostgreSQL.
+    database: Option<(String, usize)>,
+}
+
+impl Cluster {
+    /// The end of every node's log, for an error's context.
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- {}:\n{}", n.name, n.proc.tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The node box `i` talks to: the replicas in turn.
+    fn serving(&self, i: usize) -> &Node {
+        &self.nodes[i % self.nodes.len()]
+    }
 }
 
 pub async fn run(plan: &Plan) -> anyhow::Result<()> {
@@ -167,38 +231,54 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let nofile = raise_nofile()?;
     let run_dir = tempfile::tempdir().context("creating the run directory")?;
     let _ = RUN_DIR.set(run_dir.path().to_owned());
-    let cap = storebox_http::Limits::default().max_connections;
-    let per_node = cap.saturating_sub(CAP_MARGIN).max(1);
     let stores: Vec<String> = (1..=plan.boxes).map(|i| format!("shop-{i:05}")).collect();
+    let replicas = plan.replicas();
+    let max_connections = plan.boxes.div_ceil(replicas) + CAP_MARGIN;
     println!(
-        "fleet: {} boxes, {} products per store, backend {}, NOFILE {nofile}",
+        "fleet: {} boxes, {} products, catalog {}, backend {} ({} process(es), \
+         max_connections {max_connections} each), NOFILE {nofile}",
         plan.boxes,
         plan.products,
-        backend_name(&plan.backend)
+        if plan.per_store {
+            "per store"
+        } else {
+            "shared by the chain"
+        },
+        backend_name(&plan.backend),
+        replicas,
     );
 
-    // 1. Hubs.
+    // 1. Hubs, and for PostgreSQL without a URL the bench's own server. It is declared
+    // before the cluster, so it drops after the hubs that use it.
     let setup = Instant::now();
-    let mut groups = match &plan.backend {
+    let mut server = None;
+    let dir = run_dir.path().join("hub");
+    let cluster = match &plan.backend {
         Backend::Embedded => {
-            let count = plan.boxes.div_ceil(per_node);
-            let mut groups = Vec::new();
-            for g in 0..count {
-                let range = g * per_node..((g + 1) * per_node).min(plan.boxes);
-                let dir = run_dir.path().join(format!("hub-{}", g + 1));
-                groups.push(embedded_group(&hub_bin, &dir, &stores, range).await?);
-            }
-            groups
+            start_cluster(&hub_bin, &dir, &stores, plan, max_connections, None).await?
         }
-        Backend::Postgres { url } => {
-            let dir = run_dir.path().join("hub");
-            vec![postgres_group(&hub_bin, &dir, &stores, url).await?]
+        Backend::Postgres { url, .. } => {
+            let url = match url {
+                Some(url) => url.clone(),
+                None => {
+                    // Each replica's pool, its change listener and PKI listener, and room
+                    // for migrate and the size queries.
+                    let connections = replicas * (POOL_SIZE + 4) + 20;
+                    let started = pg::Server::start(run_dir.path(), connections)
+                        .await
+                        .context("starting the bench's PostgreSQL")?;
+                    let url = started.url.clone();
+                    server = Some(started);
+                    url
+                }
+            };
+            start_cluster(&hub_bin, &dir, &stores, plan, max_connections, Some(url)).await?
         }
     };
     let nodes_started = setup.elapsed();
     println!(
         "{} hub process(es) started in {:.1} s",
-        groups.iter().map(|g| g.nodes.len()).sum::<usize>(),
+        cluster.nodes.len(),
         nodes_started.as_secs_f64()
     );
 
@@ -206,7 +286,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let mut generated = storebox_sim::generate_store(1);
     let catalog: Vec<Value> = generated
         .modules
-        .remove("catalog")
+        .remove(SHARED_MODULE)
         .context("the generated store has no catalog")?
         .into_iter()
         .take(plan.products)
@@ -214,24 +294,40 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     // A real store has every module: the others are imported too (small: the configuration,
     // the promotions, a few loyalty customers), so that a box's full sync finds every module
     // held, as in a fleet, and none empty.
-    let mut imports = vec![("catalog".to_owned(), catalog.clone())];
+    let mut per_store_imports = Vec::new();
+    if plan.per_store {
+        per_store_imports.push((SHARED_MODULE.to_owned(), catalog.clone()));
+    }
     for (module, keep) in [
         ("config", usize::MAX),
         ("promotions", usize::MAX),
         ("customers", 100),
     ] {
         let records = generated.modules.remove(module).unwrap_or_default();
-        imports.push((module.to_owned(), records.into_iter().take(keep).collect()));
+        per_store_imports.push((module.to_owned(), records.into_iter().take(keep).collect()));
     }
-    let bodies: Vec<(String, Bytes)> = imports
+    let bodies: Vec<(String, Bytes)> = per_store_imports
         .iter()
         .map(|(m, r)| (m.clone(), Bytes::from(storebox_sim::to_ndjson(r))))
         .collect();
-    let import_bytes: usize = bodies.iter().map(|(_, b)| b.len()).sum();
+    let per_store_bytes: usize = bodies.iter().map(|(_, b)| b.len()).sum();
+    let catalog_body = Bytes::from(storebox_sim::to_ndjson(&catalog));
     let t = Instant::now();
+    let mut group_import = None;
+    if !plan.per_store {
+        // The chain's catalog, once.
+        let node = &cluster.nodes[0];
+        let mut admin = AdminConn::open(node.admin, &node.auth).await?;
+        let path = format!("/admin/v1/groups/{CHAIN}/modules/{SHARED_MODULE}/import");
+        admin
+            .send(Method::POST, &path, catalog_body.clone())
+            .await
+            .context("importing the chain's catalog")?;
+        group_import = Some(t.elapsed());
+    }
     for (module, body) in &bodies {
         let (name, body) = (module.clone(), body.clone());
-        for_each_store(&groups, &stores, ADMIN_WORKERS, move |store| {
+        for_each_store(&cluster, &stores, ADMIN_WORKERS, move |store| {
             let path = format!("/admin/v1/stores/{store}/modules/{name}/import");
             (Method::POST, path, body.clone())
         })
@@ -240,33 +336,37 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     }
     let import_time = t.elapsed();
     println!(
-        "stores filled in {:.1} s ({} each, {} products)",
+        "stores filled in {:.1} s ({} products {}, {} per store{})",
         import_time.as_secs_f64(),
-        bytes_h(import_bytes as u64),
-        catalog.len()
+        catalog.len(),
+        if plan.per_store {
+            "in every store"
+        } else {
+            "in the chain's group"
+        },
+        bytes_h(per_store_bytes as u64),
+        group_import.map_or(String::new(), |d| format!(
+            "; the group's catalog, {}, in {:.2} s",
+            bytes_h(catalog_body.len() as u64),
+            d.as_secs_f64()
+        )),
     );
-    let modules = module_state(&groups[0], &stores, &imports).await?;
     let t = Instant::now();
-    let tls = enroll_all(&groups, &stores).await?;
+    let (tls, enroll_retries) = enroll_all(&cluster, &stores)
+        .await
+        .with_context(|| format!("enrolling the boxes; the hubs' logs:\n{}", cluster.logs()))?;
     let enroll_time = t.elapsed();
     println!(
-        "{} boxes enrolled in {:.1} s",
+        "{} boxes enrolled in {:.1} s, {enroll_retries} retried",
         tls.len(),
-        enroll_time.as_secs_f64()
+        enroll_time.as_secs_f64(),
     );
-    if let Backend::Postgres { url } = &plan.backend {
-        // Each replica reads the PKI state at start: the later ones, started now, know
-        // every enrolled box.
-        let replicas = plan.boxes.div_ceil(per_node).max(2);
-        let group = &mut groups[0];
-        for r in 1..replicas {
-            let node = start_replica(&hub_bin, &group.dir, &group.nodes[0], r, url).await?;
-            group.nodes.push(node);
-        }
-    }
-    let db_after_import = database_size(&groups, &plan.backend)?;
+    let db_after_import = database_size(&cluster)?;
 
-    // 3. Baseline: one box alone on the idle hub.
+    // 3. Baseline: one box alone on the idle hub. Its first call is a cold full sync: the
+    // hub's answer is what every box of the run holds (every store got the same import, and
+    // the shared catalog's cursor carries the group's sequence number, which only the hub
+    // knows), checked against the admin status of the first and last store.
     let products: Vec<Product> = catalog
         .iter()
         .filter_map(|p| {
@@ -278,6 +378,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         })
         .collect();
     ensure!(!products.is_empty(), "no product to sell in the catalog");
+    let conn = client::connect(cluster.serving(0).sync, tls[0].clone()).await?;
+    let modules = client::cold_full_sync(&conn)
+        .await
+        .context("the baseline box's cold full sync")?;
+    check_module_state(&cluster, &stores, &modules).await?;
+    drop(conn);
     let run_id = format!("{:x}", started_at.timestamp_millis());
     let make_fleet = |epoch: Instant, products: Vec<Product>| {
         let window_start = epoch + plan.ramp + plan.settle;
@@ -297,7 +403,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     };
     let idle = make_fleet(Instant::now(), products);
     let t = Instant::now();
-    let conn = client::connect(serving_node(&groups, 0, 0).sync, tls[0].clone()).await?;
+    let conn = client::connect(cluster.serving(0).sync, tls[0].clone()).await?;
     let baseline_connect = t.elapsed();
     let (base_polls, base_pushes) = client::idle_round_trips(&conn, &idle, BASELINE_CALLS)
         .await
@@ -318,8 +424,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let (epoch, window_start) = (fleet.epoch, fleet.window.0);
 
     // 4. Ramp, under the guard that keeps the hubs from taking the machine down.
-    let idle_rss = node_stats(&groups, rss_kib)?;
-    let guard = Guard::start(&groups, rss_budget_kib());
+    let idle_rss = node_stats(&cluster, rss_kib)?;
+    let db_root = server.as_ref().and_then(pg::Server::postmaster);
+    let guard = Guard::start(&cluster, db_root, rss_budget_kib());
     let mut aborted = guard.aborted.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = Vec::with_capacity(plan.boxes);
@@ -328,7 +435,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         let spec = BoxSpec {
             index: i,
             store: stores[i].clone(),
-            addr: serving_node(&groups, i, i).sync,
+            addr: cluster.serving(i).sync,
             tls,
             connect_at: plan.ramp.mul_f64(i as f64 / plan.boxes as f64),
             full_at: (window_start - epoch)
@@ -344,7 +451,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         if !until(Instant::now() + Duration::from_secs(5), &mut aborted).await {
             break;
         }
-        check_nodes(&groups)?;
+        check_nodes(&cluster)?;
         println!(
             "ramp: {} of {} boxes connected",
             fleet.connected.load(Ordering::Relaxed),
@@ -360,6 +467,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         connected: 0,
     };
     let mut writes = None;
+    let mut waits = None;
     let window_end = window_start + plan.measure;
     if until(window_start, &mut aborted).await {
         connected_at_start = fleet.connected.load(Ordering::Relaxed);
@@ -368,6 +476,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             plan.measure.as_secs()
         );
         guard.mark_window_start();
+        if let Some((url, _)) = &cluster.database {
+            waits = Some(pg::WaitSampler::start(url.clone(), Duration::from_secs(1)));
+        }
     }
     if until(
         window_start + plan.measure.mul_f64(plan.change_at),
@@ -389,23 +500,35 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         change.start = Some(start);
         // The writes run beside the window's clock: the window ends on time however long
         // the hub takes to take them.
-        let targets: Vec<(SocketAddr, String, std::ops::Range<usize>)> = groups
-            .iter()
-            .map(|g| (g.nodes[0].admin, g.nodes[0].auth.clone(), g.stores.clone()))
-            .collect();
+        let node = &cluster.nodes[0];
+        let (admin, auth) = (node.admin, node.auth.clone());
         let stores = stores.clone();
+        let per_store = plan.per_store;
         writes = Some(tokio::spawn(async move {
-            for_each_target(&targets, &stores, ADMIN_WORKERS, move |store| {
-                let path = format!("/admin/v1/stores/{store}/modules/catalog/records/{TARGET_ID}");
-                (Method::PUT, path, changed.clone())
-            })
-            .await
+            if per_store {
+                for_each_target(admin, &auth, &stores, ADMIN_WORKERS, move |store| {
+                    let path = format!(
+                        "/admin/v1/stores/{store}/modules/{SHARED_MODULE}/records/{TARGET_ID}"
+                    );
+                    (Method::PUT, path, changed.clone())
+                })
+                .await
+            } else {
+                let path =
+                    format!("/admin/v1/groups/{CHAIN}/modules/{SHARED_MODULE}/records/{TARGET_ID}");
+                let mut conn = AdminConn::open(admin, &auth).await?;
+                conn.send(Method::PUT, &path, changed).await.map(drop)
+            }
             .context("the chain-wide price change")?;
             anyhow::Ok(start.elapsed())
         }));
     }
     until(window_end, &mut aborted).await;
     let window = guard.mark_window_end();
+    let waits = match waits {
+        Some(sampler) => Some(sampler.stop().await),
+        None => None,
+    };
     let mut change_error = None;
     if let Some(writes) = writes {
         let deadline = Instant::now() + plan.change_timeout;
@@ -413,7 +536,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             done = writes => match done.context("the change writer failed")? {
                 Ok(took) => {
                     change.writes_done = Some(took);
-                    println!("chain-wide change written to {} stores in {:.1} s", plan.boxes, took.as_secs_f64());
+                    println!(
+                        "chain-wide change written ({}) in {:.3} s",
+                        if plan.per_store { "one write per store" } else { "one write to the group" },
+                        took.as_secs_f64()
+                    );
                 }
                 Err(e) => change_error = Some(format!("{e:#}")),
             },
@@ -435,24 +562,28 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     }
     let abort_reason = guard.abort_reason();
     if abort_reason.is_none() {
-        check_nodes(&groups)?;
+        check_nodes(&cluster)?;
     }
-    let db_end = database_size(&groups, &plan.backend)?;
+    let db_end = database_size(&cluster)?;
 
     // 6. Results.
     let measured = Measured {
         plan,
         started_at,
-        groups: &groups,
+        cluster: &cluster,
         reports: &reports,
         fleet: &fleet,
         setup: json!({
             "hub_start_s": round3(nodes_started.as_secs_f64()),
             "import_s": round3(import_time.as_secs_f64()),
+            "group_catalog_import_s": group_import.map(|d| round3(d.as_secs_f64())),
             "enroll_s": round3(enroll_time.as_secs_f64()),
-            "import_ndjson_bytes_per_store": import_bytes,
-            "connection_cap_per_hub": cap,
-            "boxes_per_hub": per_node.min(plan.boxes),
+            "enroll_retries": enroll_retries,
+            "import_ndjson_bytes_per_store": per_store_bytes,
+            "catalog_ndjson_bytes": catalog_body.len(),
+            "max_connections_per_process": max_connections,
+            "pool_size_per_replica": cluster.database.as_ref().map(|(_, pool)| *pool),
+            "bench_postgres": server.as_ref().map(|s| s.describe()),
             "nofile_limit": nofile,
         }),
         baseline_connect,
@@ -464,13 +595,14 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         change_error,
         abort_reason,
         db: (db_after_import, db_end),
+        waits,
         connected_at_start,
     };
     let (results, table) = measured.report()?;
-    // The quick run keeps its own file, so a smoke run never replaces the full figures.
-    let name = if plan.quick { "fleet-quick" } else { "fleet" };
-    crate::common::write_results(name, &results, &table)?;
-    drop(groups);
+    crate::common::write_results(&plan.results_name(), &results, &table)?;
+    // The hubs go first, then the database they were using.
+    drop(cluster);
+    drop(server);
     Ok(())
 }
 
@@ -493,38 +625,34 @@ fn raise_nofile() -> anyhow::Result<u64> {
     Ok(limit.maximum.unwrap_or(u64::MAX))
 }
 
-/// `storehub init` for `stores` in `dir`, then `storehub serve`.
-async fn embedded_group(
+/// `storehub init` for every store, its `hub.toml` made the chain's, and the hub started:
+/// one embedded hub, or (with `database_url`) `storehub migrate` and every replica, each
+/// from a copy of the config with its own ports, in the same directory so that the relative
+/// paths (certificates, data directory, admin token) are shared.
+async fn start_cluster(
     hub_bin: &Path,
     dir: &Path,
     stores: &[String],
-    range: std::ops::Range<usize>,
-) -> anyhow::Result<Group> {
-    let (sync_port, admin_port) = init(hub_bin, dir, &stores[range.clone()])?;
-    let config = dir.join("hub.toml");
-    let node = start_node(hub_bin, "hub", dir, config, sync_port, admin_port).await?;
-    Ok(Group {
-        dir: dir.to_owned(),
-        roots: roots(dir)?,
-        nodes: vec![node],
-        stores: range,
-    })
-}
-
-/// `storehub init` for every store, the database configured, `storehub migrate`, and the
-/// first replica started.
-async fn postgres_group(
-    hub_bin: &Path,
-    dir: &Path,
-    stores: &[String],
-    url: &str,
-) -> anyhow::Result<Group> {
+    plan: &Plan,
+    max_connections: usize,
+    database_url: Option<String>,
+) -> anyhow::Result<Cluster> {
     let (sync_port, admin_port) = init(hub_bin, dir, stores)?;
     let config = dir.join("hub.toml");
-    let text = std::fs::read_to_string(&config)
-        .with_context(|| format!("reading {}", config.display()))?;
-    std::fs::write(&config, format!("{text}\n[database]\nurl = {url:?}\n"))
-        .with_context(|| format!("writing {}", config.display()))?;
+    let database = database_url.map(|url| (url, POOL_SIZE));
+    edit_config(&config, |doc| {
+        chain_config(doc, plan.per_store, max_connections, database.as_ref())
+    })?;
+    let Some((url, _)) = &database else {
+        let node = start_node(hub_bin, "hub", dir, config, sync_port, admin_port).await?;
+        return Ok(Cluster {
+            dir: dir.to_owned(),
+            roots: roots(dir)?,
+            nodes: vec![node],
+            max_connections,
+            database,
+        });
+    };
     let out = Command::new(hub_bin)
         .arg("migrate")
         .arg("--config")
@@ -533,44 +661,108 @@ async fn postgres_group(
         .context("running storehub migrate")?;
     ensure!(
         out.status.success(),
-        "storehub migrate failed (does this hub have the PostgreSQL backend?): {}",
+        "storehub migrate failed (is the database at {url} empty and reachable?): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let node = start_node(hub_bin, "replica-1", dir, config, sync_port, admin_port).await?;
-    Ok(Group {
+    // The first replica copies `storehub init`'s PKI state into the database; the others
+    // start once it is ready, and read it from there.
+    let mut nodes = vec![
+        start_node(
+            hub_bin,
+            "replica-1",
+            dir,
+            config.clone(),
+            sync_port,
+            admin_port,
+        )
+        .await?,
+    ];
+    for r in 2..=plan.replicas() {
+        let (sync_port, admin_port) = (free_port()?, free_port()?);
+        let replica_config = dir.join(format!("hub-{r}.toml"));
+        std::fs::copy(&config, &replica_config)
+            .with_context(|| format!("copying {} for replica {r}", config.display()))?;
+        edit_config(&replica_config, |doc| {
+            set(doc, &["sync", "listen"], format!("127.0.0.1:{sync_port}"))?;
+            set(doc, &["admin", "listen"], format!("127.0.0.1:{admin_port}"))
+        })?;
+        let name = format!("replica-{r}");
+        nodes.push(start_node(hub_bin, &name, dir, replica_config, sync_port, admin_port).await?);
+    }
+    Ok(Cluster {
         dir: dir.to_owned(),
         roots: roots(dir)?,
-        nodes: vec![node],
-        stores: 0..stores.len(),
+        nodes,
+        max_connections,
+        database,
     })
 }
 
-/// Another replica of a PostgreSQL group: the first one's config with its own ports, in the
-/// same directory so that the relative paths (certificates, data directory) are shared.
-async fn start_replica(
-    hub_bin: &Path,
-    dir: &Path,
-    first: &Node,
-    index: usize,
-    url: &str,
-) -> anyhow::Result<Node> {
-    let (sync_port, admin_port) = (free_port()?, free_port()?);
-    let text = std::fs::read_to_string(&first.config)
-        .with_context(|| format!("reading {}", first.config.display()))?;
-    let text = text
-        .replace(
-            &format!("\"{}\"", first.sync),
-            &format!("\"127.0.0.1:{sync_port}\""),
-        )
-        .replace(
-            &format!("\"{}\"", first.admin),
-            &format!("\"127.0.0.1:{admin_port}\""),
-        );
-    ensure!(text.contains(url), "the replica's config lost its database");
-    let config = dir.join(format!("hub-{}.toml", index + 1));
-    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-    let name = format!("replica-{}", index + 1);
-    start_node(hub_bin, &name, dir, config, sync_port, admin_port).await
+/// Reads a TOML file, lets `edit` change it, writes it back.
+fn edit_config(
+    path: &Path,
+    edit: impl FnOnce(&mut toml::Table) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    edit(&mut doc).with_context(|| format!("editing {}", path.display()))?;
+    let text =
+        toml::to_string_pretty(&doc).with_context(|| format!("serialising {}", path.display()))?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Sets `doc[path...]`, creating the tables on the way.
+fn set(doc: &mut toml::Table, path: &[&str], value: impl Into<toml::Value>) -> anyhow::Result<()> {
+    let (last, tables) = path.split_last().context("an empty TOML path")?;
+    let mut table = doc;
+    for key in tables {
+        table = table
+            .entry(*key)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("{key} is not a table"))?;
+    }
+    table.insert((*last).to_owned(), value.into());
+    Ok(())
+}
+
+/// What makes `storehub init`'s config the chain's: the catalog shared by group `chain` and
+/// every store in it (unless `per_store`), the sync listener sized for its boxes, and the
+/// database.
+fn chain_config(
+    doc: &mut toml::Table,
+    per_store: bool,
+    max_connections: usize,
+    database: Option<&(String, usize)>,
+) -> anyhow::Result<()> {
+    set(doc, &["sync", "max_connections"], max_connections as i64)?;
+    if let Some((url, pool_size)) = database {
+        set(doc, &["database", "url"], url.as_str())?;
+        set(doc, &["database", "pool_size"], *pool_size as i64)?;
+    }
+    if per_store {
+        return Ok(());
+    }
+    let modules = doc
+        .get_mut("modules")
+        .and_then(toml::Value::as_array_mut)
+        .context("no [[modules]] in the config storehub init wrote")?;
+    let catalog = modules
+        .iter_mut()
+        .filter_map(toml::Value::as_table_mut)
+        .find(|m| m.get("name").and_then(toml::Value::as_str) == Some(SHARED_MODULE))
+        .context("no catalog module in the config storehub init wrote")?;
+    catalog.insert("scope".into(), "group".into());
+    let stores = doc
+        .get_mut("stores")
+        .and_then(toml::Value::as_array_mut)
+        .context("no [[stores]] in the config storehub init wrote")?;
+    for store in stores.iter_mut().filter_map(toml::Value::as_table_mut) {
+        store.insert("group".into(), CHAIN.into());
+    }
+    Ok(())
 }
 
 /// `storehub init` for `stores`; answers the sync and admin ports it was given.
@@ -633,7 +825,6 @@ async fn start_node(
             dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")
         ),
         proc,
-        config,
         data_dir: dir.join("hub-data"),
         sync: SocketAddr::from(([127, 0, 0, 1], sync_port)),
         admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
@@ -657,16 +848,8 @@ async fn start_node(
 
 /// The node box `i` of the run talks to: the group holding its store, and in it the replicas
 /// taken in turn.
-fn serving_node(groups: &[Group], store: usize, turn: usize) -> &Node {
-    let group = groups
-        .iter()
-        .find(|g| g.stores.contains(&store))
-        .unwrap_or(&groups[0]);
-    &group.nodes[turn % group.nodes.len()]
-}
-
-fn check_nodes(groups: &[Group]) -> anyhow::Result<()> {
-    for node in groups.iter().flat_map(|g| &g.nodes) {
+fn check_nodes(cluster: &Cluster) -> anyhow::Result<()> {
+    for node in &cluster.nodes {
         node.proc
             .check_alive()
             .with_context(|| format!("hub {}", node.name))?;
@@ -674,16 +857,54 @@ fn check_nodes(groups: &[Group]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One value per node, in group order.
+/// One value per node.
 fn node_stats(
-    groups: &[Group],
+    cluster: &Cluster,
     f: impl Fn(u32) -> anyhow::Result<u64>,
 ) -> anyhow::Result<Vec<u64>> {
-    groups
+    cluster
+        .nodes
         .iter()
-        .flat_map(|g| &g.nodes)
         .map(|n| f(n.proc.pid).with_context(|| format!("reading the figures of hub {}", n.name)))
         .collect()
+}
+
+/// utime + stime of a process and its children (alive: read here; gone: counted in the
+/// root's cutime + cstime once reaped), in clock ticks: PostgreSQL's postmaster and its
+/// backends. Nothing when the root is gone.
+fn tree_ticks(root: u32) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = text
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // Field n of proc(5) is fields[n - 3].
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let ppid = field(4).unwrap_or(0);
+        if pid == root {
+            total += [14, 15, 16, 17]
+                .iter()
+                .filter_map(|&n| field(n))
+                .sum::<u64>();
+        } else if ppid == u64::from(root) {
+            total += [14, 15].iter().filter_map(|&n| field(n)).sum::<u64>();
+        }
+    }
+    total
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -718,118 +939,119 @@ fn vm_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
-/// The database's size in bytes: the data directories of the embedded hubs (apparent size,
-/// what the files hold), or `pg_database_size`.
-fn database_size(groups: &[Group], backend: &Backend) -> anyhow::Result<u64> {
-    match backend {
-        Backend::Embedded => groups
-            .iter()
-            .map(|g| dir_size(&g.nodes[0].data_dir).map(|(len, _)| len))
-            .sum(),
-        Backend::Postgres { url } => {
-            let out = Command::new("psql")
-                .arg(url)
-                .args(["-Atc", "select pg_database_size(current_database())"])
-                .output()
-                .context("running psql for the database size")?;
-            ensure!(
-                out.status.success(),
-                "psql failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .context("psql's answer is not a size")
-        }
+/// The database's size in bytes: the embedded hub's data directory (apparent size, what the
+/// files hold), or `pg_database_size`.
+fn database_size(cluster: &Cluster) -> anyhow::Result<u64> {
+    match &cluster.database {
+        None => dir_size(&cluster.nodes[0].data_dir).map(|(len, _)| len),
+        Some((url, _)) => pg::query(url, "select pg_database_size(current_database())")?
+            .trim()
+            .parse()
+            .context("psql's answer is not a size"),
     }
 }
 
-/// The modules of a store after the import, as a box holds them: cursor and digest. Every
-/// store got the same import, so one store stands for all; the last store is checked too.
-async fn module_state(
-    group: &Group,
+/// Checks the modules a box holds after its cold full sync against what the hub's admin
+/// status says of the first and the last store: every store got the same import, so every
+/// box of the run starts from the same cursors and digests.
+async fn check_module_state(
+    cluster: &Cluster,
     stores: &[String],
-    imports: &[(String, Vec<Value>)],
-) -> anyhow::Result<Vec<(String, u64, proto::Digest)>> {
-    let node = &group.nodes[0];
+    modules: &[(String, u64, proto::Digest)],
+) -> anyhow::Result<()> {
+    // The last replica: in a cluster, it is not the one the imports went through.
+    let node = &cluster.nodes[cluster.nodes.len() - 1];
     let mut admin = AdminConn::open(node.admin, &node.auth).await?;
-    let mut heads = Vec::new();
-    for store in [&stores[group.stores.start], &stores[group.stores.end - 1]] {
+    for store in [&stores[0], &stores[stores.len() - 1]] {
         let path = format!("/admin/v1/stores/{store}/status");
         let doc: Value =
             serde_json::from_slice(&admin.send(Method::GET, &path, Bytes::new()).await?)
                 .context("the store status is not JSON")?;
-        let modules = doc["modules"]
+        let heads = doc["modules"]
             .as_object()
             .with_context(|| format!("the status of {store} has no modules: {doc}"))?;
-        let h: Vec<(String, u64)> = modules
-            .iter()
-            .map(|(name, m)| (name.clone(), m["head"].as_u64().unwrap_or(0)))
-            .collect();
-        heads.push(h);
+        for (name, head) in heads {
+            let head = head["head"].as_u64().unwrap_or(0);
+            let held = modules.iter().find(|(m, _, _)| m == name);
+            ensure!(
+                held.map_or(0, |(_, cursor, _)| *cursor) == head,
+                "store {store}: the hub's head of {name} is {head}, the cold full sync gave {held:?}"
+            );
+        }
     }
-    ensure!(
-        heads[0] == heads[heads.len() - 1],
-        "two stores given the same import have different heads: {heads:?}"
-    );
-    heads[0]
-        .iter()
-        .map(|(name, head)| {
-            let mut digest = proto::Digest::default();
-            for record in imports
-                .iter()
-                .filter(|(m, _)| m == name)
-                .flat_map(|(_, r)| r)
-            {
-                let canonical = proto::canonical_record(record).context("a generated record")?;
-                digest.add(&canonical.id, &canonical.json);
-            }
-            Ok((name.clone(), *head, digest))
-        })
-        .collect()
+    Ok(())
 }
 
-/// Enrolls every store's box, as its technician would, through the hub holding its store.
+/// Enrolls every store's box, as its technician would, `ENROLL_WORKERS` at once, through the
+/// first replica: the boxes then connect to every replica, which must know them from the
+/// shared PKI state. Spread over two replicas, the enrollments race for that state (each
+/// one rewrites all of it under a version check): with 5,000 boxes, one enrollment lost 20
+/// races in a row and the run failed.
+/// Answers the boxes' TLS configurations and the enrollments that had to be retried.
 async fn enroll_all(
-    groups: &[Group],
+    cluster: &Cluster,
     stores: &[String],
-) -> anyhow::Result<Vec<Arc<rustls::ClientConfig>>> {
-    let mut configs: Vec<Option<Arc<rustls::ClientConfig>>> = vec![None; stores.len()];
-    for group in groups {
-        let node = &group.nodes[0];
-        let conn = client::connect(node.sync, client::anonymous_tls(group.roots.clone())?)
+) -> anyhow::Result<(Vec<Arc<rustls::ClientConfig>>, usize)> {
+    let mut conns = Vec::new();
+    for node in &cluster.nodes[..1] {
+        let conn = client::connect(node.sync, client::anonymous_tls(cluster.roots.clone())?)
             .await
-            .context("opening the enrollment connection")?;
-        let next = Arc::new(AtomicUsize::new(group.stores.start));
-        let mut workers = Vec::new();
-        for _ in 0..ENROLL_WORKERS {
-            let (conn, next, roots) = (conn.clone(), next.clone(), group.roots.clone());
-            let (end, dir, stores) = (group.stores.end, group.dir.clone(), stores.to_vec());
-            workers.push(tokio::spawn(async move {
-                let mut done = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= end {
-                        return anyhow::Ok(done);
-                    }
-                    let token = box_token(&dir, &stores[i])?;
-                    let tls = client::enroll(&conn, &stores[i], &token, roots.clone()).await?;
-                    done.push((i, tls));
+            .with_context(|| format!("opening the enrollment connection to {}", node.name))?;
+        conns.push(conn);
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..ENROLL_WORKERS {
+        let conn = conns[w % conns.len()].clone();
+        let (next, roots, retries) = (next.clone(), cluster.roots.clone(), retries.clone());
+        let (dir, stores) = (cluster.dir.clone(), stores.to_vec());
+        workers.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= stores.len() {
+                    return anyhow::Ok(done);
                 }
-            }));
-        }
-        for worker in workers {
-            for (i, tls) in worker.await.context("an enrollment worker failed")?? {
-                configs[i] = Some(tls);
+                let token = box_token(&dir, &stores[i])?;
+                // Each enrollment rewrites the hub's whole PKI state with a version check:
+                // two replicas enrolling at the same moment make one of them fail with a
+                // 500 "PKI failure" (its log: "changed on another replica ... try again").
+                // A technician would try again, and so does the bench, counting them.
+                let mut attempt = 0;
+                let tls = loop {
+                    match client::enroll(&conn, &stores[i], &token, roots.clone()).await {
+                        Ok(tls) => break tls,
+                        Err(e)
+                            if attempt < ENROLL_ATTEMPTS
+                                && format!("{e:#}").contains("HTTP 500") =>
+                        {
+                            attempt += 1;
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                done.push((i, tls));
+                if (i + 1) % 500 == 0 {
+                    println!("enrolled {} boxes", i + 1);
+                }
             }
+        }));
+    }
+    let mut configs: Vec<Option<Arc<rustls::ClientConfig>>> = vec![None; stores.len()];
+    for worker in workers {
+        for (i, tls) in worker.await.context("an enrollment worker failed")?? {
+            configs[i] = Some(tls);
         }
     }
-    configs
+    let configs = configs
         .into_iter()
         .enumerate()
         .map(|(i, c)| c.with_context(|| format!("store {} was not enrolled", stores[i])))
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((configs, retries.load(Ordering::Relaxed)))
 }
 
 /// The one-time enrollment token `storehub init` wrote into a store's box config.
@@ -850,10 +1072,10 @@ fn box_token(dir: &Path, store: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no enroll_token in {}", path.display()))
 }
 
-/// Sends the admin call `call` makes for every store to its group's admin API, `workers` at
-/// once per group, each worker on a keep-alive connection.
+/// Sends the admin call `call` makes for every store to the first node's admin API,
+/// `workers` at once, each worker on a keep-alive connection.
 async fn for_each_store<F>(
-    groups: &[Group],
+    cluster: &Cluster,
     stores: &[String],
     workers: usize,
     call: F,
@@ -861,16 +1083,14 @@ async fn for_each_store<F>(
 where
     F: Fn(&str) -> (Method, String, Bytes) + Clone + Send + 'static,
 {
-    let targets: Vec<(SocketAddr, String, std::ops::Range<usize>)> = groups
-        .iter()
-        .map(|g| (g.nodes[0].admin, g.nodes[0].auth.clone(), g.stores.clone()))
-        .collect();
-    for_each_target(&targets, stores, workers, call).await
+    let node = &cluster.nodes[0];
+    for_each_target(node.admin, &node.auth, stores, workers, call).await
 }
 
-/// [`for_each_store`] on (admin address, authorization, stores) triples.
+/// [`for_each_store`] on an admin address and its authorization.
 async fn for_each_target<F>(
-    targets: &[(SocketAddr, String, std::ops::Range<usize>)],
+    addr: SocketAddr,
+    auth: &str,
     stores: &[String],
     workers: usize,
     call: F,
@@ -879,27 +1099,25 @@ where
     F: Fn(&str) -> (Method, String, Bytes) + Clone + Send + 'static,
 {
     let stores: Arc<[String]> = stores.into();
+    let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for (addr, auth, range) in targets {
-        let next = Arc::new(AtomicUsize::new(range.start));
-        for _ in 0..workers {
-            let (next, end, call) = (next.clone(), range.end, call.clone());
-            let (addr, auth, stores) = (*addr, auth.clone(), stores.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut admin = AdminConn::open(addr, &auth).await?;
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= end {
-                        return anyhow::Ok(());
-                    }
-                    let (method, path, body) = call(&stores[i]);
-                    admin
-                        .send(method, &path, body)
-                        .await
-                        .with_context(|| format!("store {}", stores[i]))?;
+    for _ in 0..workers {
+        let (next, call, stores, auth) =
+            (next.clone(), call.clone(), stores.clone(), auth.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut admin = AdminConn::open(addr, &auth).await?;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= stores.len() {
+                    return anyhow::Ok(());
                 }
-            }));
-        }
+                let (method, path, body) = call(&stores[i]);
+                admin
+                    .send(method, &path, body)
+                    .await
+                    .with_context(|| format!("store {}", stores[i]))?;
+            }
+        }));
     }
     for task in tasks {
         task.await.context("an admin worker failed")??;
@@ -987,13 +1205,16 @@ struct Sample {
     ticks: Vec<u64>,
     rss: Vec<u64>,
     own_ticks: u64,
+    /// The bench's PostgreSQL server, all its processes.
+    db_ticks: Option<u64>,
 }
 
-/// The figures of the measured window, per hub process in group order.
+/// The figures of the measured window, per hub process.
 struct Window {
     secs: f64,
     cpu_ticks: Vec<u64>,
     own_ticks: u64,
+    db_ticks: Option<u64>,
     end_rss: Vec<u64>,
     peak_rss: Vec<u64>,
 }
@@ -1010,12 +1231,14 @@ struct GuardState {
 /// the memory budget: the hubs share this machine with other work.
 struct Guard {
     pids: Vec<u32>,
+    db_root: Option<u32>,
     state: Arc<std::sync::Mutex<GuardState>>,
     aborted: tokio::sync::watch::Receiver<bool>,
 }
 
-fn sample(pids: &[u32]) -> anyhow::Result<Sample> {
+fn sample(pids: &[u32], db_root: Option<u32>) -> anyhow::Result<Sample> {
     Ok(Sample {
+        db_ticks: db_root.map(tree_ticks),
         at: Instant::now(),
         ticks: pids
             .iter()
@@ -1030,12 +1253,8 @@ fn sample(pids: &[u32]) -> anyhow::Result<Sample> {
 }
 
 impl Guard {
-    fn start(groups: &[Group], budget_kib: u64) -> Guard {
-        let pids: Vec<u32> = groups
-            .iter()
-            .flat_map(|g| &g.nodes)
-            .map(|n| n.proc.pid)
-            .collect();
+    fn start(cluster: &Cluster, db_root: Option<u32>, budget_kib: u64) -> Guard {
+        let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.proc.pid).collect();
         let state = Arc::new(std::sync::Mutex::new(GuardState {
             peak: vec![0; pids.len()],
             ..GuardState::default()
@@ -1047,7 +1266,9 @@ impl Guard {
             loop {
                 tick.tick().await;
                 // A hub that exited is reported by the run's own checks.
-                let Ok(now) = sample(&watched) else { return };
+                let Ok(now) = sample(&watched, db_root) else {
+                    return;
+                };
                 let total: u64 = now.rss.iter().sum();
                 let mut state = lock(&shared);
                 for (peak, rss) in state.peak.iter_mut().zip(&now.rss) {
@@ -1074,6 +1295,7 @@ impl Guard {
         });
         Guard {
             pids,
+            db_root,
             state,
             aborted: rx,
         }
@@ -1087,7 +1309,7 @@ impl Guard {
         let now = if self.aborted() {
             None
         } else {
-            sample(&self.pids).ok()
+            sample(&self.pids, self.db_root).ok()
         };
         lock(&self.state).window_start = now;
     }
@@ -1097,7 +1319,7 @@ impl Guard {
         let now = if self.aborted() {
             None
         } else {
-            sample(&self.pids).ok()
+            sample(&self.pids, self.db_root).ok()
         };
         let mut state = lock(&self.state);
         if let Some(now) = now {
@@ -1109,6 +1331,7 @@ impl Guard {
                 secs: 0.0,
                 cpu_ticks: vec![0; n],
                 own_ticks: 0,
+                db_ticks: None,
                 end_rss: vec![0; n],
                 peak_rss: state.peak.clone(),
             };
@@ -1128,6 +1351,10 @@ impl Guard {
                 .map(|(e, s)| e.saturating_sub(*s))
                 .collect(),
             own_ticks: end.own_ticks.saturating_sub(start.own_ticks),
+            db_ticks: end
+                .db_ticks
+                .zip(start.db_ticks)
+                .map(|(e, s)| e.saturating_sub(s)),
             end_rss: end.rss,
             peak_rss,
         }
@@ -1209,7 +1436,7 @@ struct Change {
 struct Measured<'a> {
     plan: &'a Plan,
     started_at: chrono::DateTime<chrono::Utc>,
-    groups: &'a [Group],
+    cluster: &'a Cluster,
     reports: &'a [BoxReport],
     fleet: &'a Fleet,
     setup: Value,
@@ -1222,6 +1449,8 @@ struct Measured<'a> {
     change_error: Option<String>,
     abort_reason: Option<String>,
     db: (u64, u64),
+    /// What the database's sessions were doing over the window, sampled.
+    waits: Option<pg::Waits>,
     connected_at_start: usize,
 }
 
@@ -1281,23 +1510,34 @@ impl Measured<'_> {
 
         // CPU and memory, per hub process and in total, over the window as measured.
         let clk = rustix::param::clock_ticks_per_second() as f64;
-        let names: Vec<&str> = self
-            .groups
-            .iter()
-            .flat_map(|g| &g.nodes)
-            .map(|n| n.name.as_str())
-            .collect();
+        let names: Vec<&str> = self.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
         let mut nodes = Vec::new();
         let mut cpu_total = 0.0;
+        // The memory target holds per replica too: a replica's RSS over the boxes it serves
+        // (box i is served by node i mod nodes).
+        let mut worst_node_kib_per_box: f64 = 0.0;
         for (i, name) in names.iter().enumerate() {
             let cores = self.window.cpu_ticks[i] as f64 / clk / window;
             cpu_total += cores;
+            let served = reports
+                .iter()
+                .enumerate()
+                .filter(|(b, r)| b % names.len() == i && r.connected)
+                .count();
+            let per_box = if served > 0 {
+                self.window.end_rss[i] as f64 / served as f64
+            } else {
+                0.0
+            };
+            worst_node_kib_per_box = worst_node_kib_per_box.max(per_box);
             nodes.push(json!({
                 "name": name,
+                "boxes_connected": served,
                 "cpu_cores": round3(cores),
                 "rss_idle_kib": self.idle_rss[i],
                 "rss_end_kib": self.window.end_rss[i],
                 "rss_peak_kib": self.window.peak_rss[i],
+                "rss_per_connected_box_kib": round3(per_box),
             }));
         }
         let rss_idle: u64 = self.idle_rss.iter().sum();
@@ -1321,6 +1561,7 @@ impl Measured<'_> {
             0.0
         };
         let bench_cores = self.window.own_ticks as f64 / clk / window;
+        let db_cores = self.window.db_ticks.map(|t| t as f64 / clk / window);
 
         // The chain-wide change.
         let change_start_us = self
@@ -1396,14 +1637,26 @@ impl Measured<'_> {
                 met: (!pushes.0.is_empty()).then(|| pushes.p99_ms() <= 200.0),
             },
             Row {
-                what: "Chain-wide price change: first admin write to the changed record pulled".into(),
+                what: format!(
+                    "Chain-wide price change: from {} to the changed record pulled",
+                    if plan.per_store {
+                        "the first of the per-store admin writes"
+                    } else {
+                        "the one admin write to the group's record"
+                    }
+                ),
                 figure: format!(
-                    "95%: {}; 100%: {}; writes to the {n} stores took {}; {} of {} connected boxes reached",
+                    "95%: {}; 100%: {}; {} took {}; {} of {} connected boxes reached",
                     t95.map_or("not reached".into(), |t| format!("{t:.1} s")),
                     t100.map_or("not reached".into(), |t| format!("{t:.1} s")),
+                    if plan.per_store {
+                        format!("the writes to the {n} stores")
+                    } else {
+                        format!("the write to group `{CHAIN}`")
+                    },
                     self.change
                         .writes_done
-                        .map_or("(not finished)".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+                        .map_or("(not finished)".into(), |d| format!("{:.3} s", d.as_secs_f64())),
                     reached.len(),
                     self.change.connected
                 ),
@@ -1411,7 +1664,7 @@ impl Measured<'_> {
                 met: Some(t95.is_some_and(|t| t <= 10.0)),
             },
             Row {
-                what: "Hub memory per connected box (RSS at the end of the window / boxes connected)".into(),
+                what: "Hub memory per connected box (RSS at the end of the window / boxes connected), all processes".into(),
                 figure: format!(
                     "{rss_per_box_kib:.1} KiB ({} in all; {rss_added_per_box_kib:.1} KiB per box above the hubs' RSS before the ramp; peak {} in all)",
                     bytes_h(rss_end * 1024),
@@ -1421,11 +1674,18 @@ impl Measured<'_> {
                 met: Some(rss_per_box_kib * 1.024 <= 50.0),
             },
             Row {
+                what: "Hub memory per connected box, per process (its RSS / the boxes it serves), the worst".into(),
+                figure: format!("{worst_node_kib_per_box:.1} KiB (each process below)"),
+                target: "≤ 50 KB".into(),
+                met: Some(worst_node_kib_per_box * 1.024 <= 50.0),
+            },
+            Row {
                 what: "Hub CPU over the window (utime + stime)".into(),
                 figure: format!(
-                    "{:.2} cores in all, {:.2} cores per 1,000 boxes (the bench's boxes: {bench_cores:.2} cores)",
+                    "{:.2} cores in all, {:.2} cores per 1,000 boxes (the bench's boxes: {bench_cores:.2} cores{})",
                     cpu_total,
-                    per_k(cpu_total)
+                    per_k(cpu_total),
+                    db_cores.map_or(String::new(), |c| format!("; PostgreSQL: {c:.2} cores"))
                 ),
                 target: "–".into(),
                 met: None,
@@ -1450,12 +1710,24 @@ impl Measured<'_> {
                 met: None,
             },
             Row {
-                what: "Database size per shop".into(),
+                what: format!(
+                    "Database size per shop ({})",
+                    if self.cluster.database.is_some() {
+                        "`pg_database_size` / stores"
+                    } else {
+                        "the redb data directory / stores"
+                    }
+                ),
                 figure: format!(
-                    "{} after the import, {} at the end ({} in all)",
+                    "{} after the import, {} at the end ({} in all; the catalog {})",
                     bytes_h(per_shop(db_import)),
                     bytes_h(per_shop(db_end)),
-                    bytes_h(db_end)
+                    bytes_h(db_end),
+                    if plan.per_store {
+                        "kept in every store"
+                    } else {
+                        "kept once, for the chain"
+                    }
                 ),
                 target: "–".into(),
                 met: None,
@@ -1476,6 +1748,9 @@ impl Measured<'_> {
                 "boxes": n,
                 "backend": backend_name(&plan.backend),
                 "hub_processes": names.len(),
+                "catalog": if plan.per_store { "per store" } else { "shared by group" },
+                "max_connections_per_process": self.cluster.max_connections,
+                "pool_size_per_replica": self.cluster.database.as_ref().map(|(_, pool)| *pool),
                 "products_per_store": plan.products,
                 "ramp_s": round3(plan.ramp.as_secs_f64()),
                 "settle_s": round3(plan.settle.as_secs_f64()),
@@ -1519,13 +1794,17 @@ impl Measured<'_> {
                 "rss_end_kib": rss_end,
                 "rss_peak_kib": rss_peak,
                 "rss_per_connected_box_kib": round3(rss_per_box_kib),
+                "rss_per_connected_box_worst_process_kib": round3(worst_node_kib_per_box),
                 "rss_added_per_connected_box_kib": round3(rss_added_per_box_kib),
                 "rss_end_per_1000_boxes_kib": round3(per_k(rss_end as f64)),
             },
             "bench_cpu_cores": round3(bench_cores),
+            "postgres_cpu_cores": db_cores.map(round3),
+            "postgres_sessions": self.waits.as_ref().map(pg::Waits::json),
             "change": {
                 "audience": self.change.connected,
                 "reached": reached.len(),
+                "writes": if plan.per_store { plan.boxes } else { 1 },
                 "writes_s": self.change.writes_done.map(|d| round3(d.as_secs_f64())),
                 "error": self.change_error,
                 "t95_s": t95.map(round3),
@@ -1549,14 +1828,32 @@ impl Measured<'_> {
         md.push_str(&crate::common::machine_line(&machine));
         let _ = writeln!(
             md,
-            "\n{n} light boxes against {} `storehub serve` process(es) ({} backend), {} products \
-             per store, a {:.0} s window after a {:.0} s ramp; each box on its own TLS 1.3 + \
-             HTTP/2 connection with its own client certificate: change watch, a delta pull \
-             every {:.0} s, {:.0} sales/min pushed, one full sync in the window; the \
-             chain-wide price change {:.0} s into the window.\n",
+            "\n{n} light boxes against {} `storehub serve` process(es) ({} backend{}; \
+             `[sync] max_connections = {}` each), the boxes spread over them in turn; {} \
+             products in the catalog, {}; a {:.0} s window after a {:.0} s ramp; each box on \
+             its own TLS 1.3 + HTTP/2 connection with its own client certificate: change \
+             watch, a delta pull every {:.0} s, {:.0} sales/min pushed, one full sync in the \
+             window; the chain-wide price change {:.0} s into the window.\n",
             names.len(),
             backend_name(&plan.backend),
+            self.cluster
+                .database
+                .as_ref()
+                .map_or(String::new(), |(_, pool)| format!(
+                    ", `[database] pool_size = {pool}` per replica"
+                )),
+            self.cluster.max_connections,
             plan.products,
+            if plan.per_store {
+                "imported into every store (`--per-store`: the model before shared modules), \
+                 the price change written once per store"
+                    .to_owned()
+            } else {
+                format!(
+                    "`scope = \"group\"`, imported once into group `{CHAIN}` which every store \
+                     joins, the price change one write to the group's record"
+                )
+            },
             window,
             plan.ramp.as_secs_f64(),
             plan.poll_every.as_secs_f64(),
@@ -1604,27 +1901,72 @@ impl Measured<'_> {
                 kib("rss_peak_kib"),
             );
         }
+        if let Some(waits) = &self.waits {
+            md.push_str(&waits.markdown());
+        }
         if !first_errors.is_empty() {
             md.push_str("\nFirst errors seen (one of each kind):\n\n");
             for e in &first_errors {
                 let _ = writeln!(md, "- `{}`", e.replace('`', "'"));
             }
         }
+        let mut args = String::new();
+        if plan.quick {
+            args.push_str(" --quick");
+        }
+        if let Backend::Postgres { replicas, .. } = &plan.backend {
+            args.push_str(" --backend postgres");
+            if *replicas != 2 {
+                let _ = write!(args, " --replicas {replicas}");
+            }
+        }
+        if plan.per_store {
+            args.push_str(" --per-store");
+        }
         let _ = writeln!(
             md,
-            "\nSetup: hubs started in {:.1} s, catalog imported into every store in {:.1} s, \
-             boxes enrolled in {:.1} s. A hub's sync listener takes at most {} connections \
-             at once (`storebox_http::Limits`, not settable in `hub.toml`), so the embedded \
-             backend serves {} boxes per hub process, each with its own database. \
-             The hubs, the bench's boxes and this report share the machine's CPUs. \
-             Details: `fleet.json`. Reproduce: `cargo build --release --workspace --bins && \
-             cargo run --release -p storebox-bench -- fleet{}`.",
+            "\nSetup: hubs started in {:.1} s, stores filled in {:.1} s{}, boxes enrolled in \
+             {:.1} s{}.{} The hubs, {}the bench's boxes and this report share the machine's \
+             CPUs. Details: `{}.json`. Reproduce: `cargo build --release --workspace --bins \
+             && cargo run --release -p storebox-bench -- fleet{args}`.",
             self.setup["hub_start_s"].as_f64().unwrap_or(0.0),
             self.setup["import_s"].as_f64().unwrap_or(0.0),
+            self.setup["group_catalog_import_s"]
+                .as_f64()
+                .map_or(String::new(), |t| format!(
+                    " (the chain's catalog, one import, in {t:.2} s; the other modules per store)"
+                )),
             self.setup["enroll_s"].as_f64().unwrap_or(0.0),
-            self.setup["connection_cap_per_hub"],
-            self.setup["boxes_per_hub"],
-            if plan.quick { " --quick" } else { "" },
+            if names.len() > 1 {
+                format!(
+                    ", {ENROLL_WORKERS} at once through `replica-1` (every replica started \
+                     before the first, the boxes then spread over them); {} enrollment(s) lost \
+                     a race for the PKI state (HTTP 500, \"changed on another replica at the \
+                     same moment; try again\" in the hub's log) and were retried",
+                    self.setup["enroll_retries"]
+                )
+            } else {
+                String::new()
+            },
+            match self.setup["bench_postgres"].as_object() {
+                Some(pg) => format!(
+                    " PostgreSQL: the bench's own throwaway server ({}, on 127.0.0.1), started \
+                     with {}: **durability is off**, so its write costs are below a production \
+                     server's.",
+                    pg.get("version").and_then(Value::as_str).unwrap_or("?"),
+                    pg.get("settings").and_then(Value::as_str).unwrap_or("?"),
+                ),
+                None if self.cluster.database.is_some() => {
+                    " PostgreSQL: the server given by `--database-url`.".to_owned()
+                }
+                None => String::new(),
+            },
+            if self.cluster.database.is_some() {
+                "PostgreSQL, "
+            } else {
+                ""
+            },
+            plan.results_name(),
         );
         Ok((results, md))
     }

@@ -7,7 +7,7 @@
 //! cargo run --release -p storebox-bench -- [core] [--quick]    # the default
 //! cargo run --release -p storebox-bench -- storage [--quick]
 //! cargo run --release -p storebox-bench -- link [--quick]       # as root
-//! cargo run --release -p storebox-bench -- fleet [--boxes N] [--quick]
+//! cargo run --release -p storebox-bench -- fleet [--boxes N] [--quick] [--backend postgres]
 //! ```
 //!
 //! - `core` ([`core_bench`]): cold full sync and delta on the wire, durable activity against a naive
@@ -48,16 +48,23 @@ const USAGE: &str = "usage: bench [core|storage|bandwidth|link|fleet] [--quick] 
   link      payment terminals while the box syncs on emulated shop lines, controller on/off/
             capped (as root; ~20 min, --quick ~6 min); `4/1` or `20/2` for one line only
   fleet     the hub under N light boxes: latencies, CPU, memory, a chain-wide change
-            (5,000 boxes: ~15 min and ~15 GB of disk; --quick: 200 boxes, under a minute)
+            (5,000 boxes: 10 to 20 min, of which ~9 min enrolling them on PostgreSQL;
+            --quick: 200 boxes, about a minute)
   --quick   shorter runs (core ~40 s, storage ~1 min, fleet <1 min)
 
 fleet options:
   --boxes N               boxes (and stores); default 5000, 200 with --quick
   --products N            catalog products per store; default 2000, 500 with --quick
   --measure SECS          the measured window; default 180, 20 with --quick
-  --backend embedded      redb, one hub process per database (default)
-  --backend postgres --database-url URL
-                          two or more replicas on one PostgreSQL database (a fresh one)
+  --backend embedded      redb, one hub process (default)
+  --backend postgres [--database-url URL]
+                          replicas on one PostgreSQL database: a fresh, empty one at URL,
+                          or without it a throwaway server the bench starts on 127.0.0.1
+                          (initdb; as the postgres user when root; fsync off)
+  --replicas N            replicas with --backend postgres; default 2
+  --per-store             the catalog kept per store and the price change written once per
+                          store (the model before shared modules), instead of one catalog
+                          shared by the chain's group and one write
 
 Build first: cargo build --release --workspace --bins
 Then: cargo run --release -p storebox-bench -- [core|storage|bandwidth|link|fleet] [--quick]";
@@ -76,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     let mut lines = Vec::new();
     let (mut boxes, mut products, mut measure) = (None, None, None);
     let (mut backend, mut database_url) = (None::<String>, None::<String>);
+    let (mut replicas, mut per_store) = (None::<usize>, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -99,6 +107,8 @@ fn main() -> anyhow::Result<()> {
             "--measure" => measure = Some(number("--measure", value("--measure")?)?),
             "--backend" => backend = Some(value("--backend")?),
             "--database-url" => database_url = Some(value("--database-url")?),
+            "--replicas" => replicas = Some(number("--replicas", value("--replicas")?)? as usize),
+            "--per-store" => per_store = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -108,13 +118,18 @@ fn main() -> anyhow::Result<()> {
     }
     let backend = match (backend.as_deref(), database_url) {
         (None | Some("embedded"), None) => fleet::Backend::Embedded,
-        (Some("postgres"), Some(url)) => fleet::Backend::Postgres { url },
-        (Some("postgres"), None) => bail!("--backend postgres needs --database-url"),
+        (Some("postgres"), url) => fleet::Backend::Postgres {
+            url,
+            replicas: replicas.unwrap_or(2).max(1),
+        },
         (None | Some("embedded"), Some(_)) => {
             bail!("--database-url goes with --backend postgres")
         }
         (Some(other), _) => bail!("unknown backend {other:?}: embedded or postgres"),
     };
+    if replicas.is_some() && matches!(backend, fleet::Backend::Embedded) {
+        bail!("--replicas goes with --backend postgres: the embedded database is one process's");
+    }
     // The release profile aborts on panic, so destructors would not run: the hook kills the
     // children itself before the process goes.
     let default_hook = std::panic::take_hook();
@@ -137,7 +152,8 @@ fn main() -> anyhow::Result<()> {
                 Which::Bandwidth => bandwidth::run().await,
                 Which::Link => link::run(&link::Plan::new(quick), &lines).await,
                 Which::Fleet => {
-                    let plan = fleet::Plan::new(quick, boxes, backend, products, measure);
+                    let plan =
+                        fleet::Plan::new(quick, boxes, backend, products, measure, per_store);
                     fleet::run(&plan).await
                 }
             }

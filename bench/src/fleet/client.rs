@@ -474,6 +474,48 @@ pub async fn idle_round_trips(
     Ok((polls, pushes))
 }
 
+/// A cold full sync, as a new box's first: every module as a whole record set. Answers, per
+/// module, the cursor and digest the hub gave with it: what a box holds after it. A module
+/// the box shares with its group has a cursor only the hub can tell (the group's sequence
+/// number in its high 32 bits, the store's in its low 32), so the bench takes it from here.
+pub async fn cold_full_sync(conn: &Conn) -> anyhow::Result<Vec<(String, u64, proto::Digest)>> {
+    let request = proto::FullRequest {
+        modules: Vec::new(),
+        digests: Vec::new(),
+        records: Vec::new(),
+        status: proto::BoxStatus {
+            pending_activity: 0,
+            box_version: "fleet-bench".into(),
+            errors: Vec::new(),
+        },
+    };
+    let body = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_FULL, &request))
+        .await
+        .context("the cold full sync timed out")??;
+    let answer: proto::FullAnswer =
+        proto::decode_plain(&body, "a full sync answer").context("decoding a full answer")?;
+    let mut modules = Vec::new();
+    for frame in answer.frames {
+        let snapshot: proto::ModuleSnapshot =
+            proto::decode_payload(&frame.payload, "a module snapshot")
+                .with_context(|| format!("decoding the snapshot of {}", frame.module))?;
+        match snapshot {
+            proto::ModuleSnapshot::Records { cursor, digest, .. } => {
+                modules.push((frame.module, cursor, digest));
+            }
+            proto::ModuleSnapshot::Failed { error } => {
+                bail!("the cold full sync failed module {}: {error}", frame.module)
+            }
+            _ => bail!(
+                "the cold full sync of {} was not answered with its records",
+                frame.module
+            ),
+        }
+    }
+    ensure!(!modules.is_empty(), "the cold full sync answered no module");
+    Ok(modules)
+}
+
 /// One delta pull (asking again while the hub says `more`). Notes when the changed record
 /// arrives.
 async fn pull(conn: &Conn, fleet: &Fleet, held: &Mutex<Held>) -> anyhow::Result<()> {
