@@ -381,11 +381,31 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             admin_state,
             storehub::admin_api::handle,
         ));
-        tokio::spawn(prune_loop(store, retention));
+        tokio::spawn(prune_loop(store.clone(), retention));
+        tokio::spawn(contact_loop(store.clone()));
         shutdown_signal().await;
+        let last = store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || last.flush_contacts()).await {
+            tracing::error!("writing the last box contacts: {e}");
+        }
         tracing::info!("storehub stopping");
         Ok(())
     })
+}
+
+/// Writes the boxes' contacts once a second, in one transaction.
+async fn contact_loop(store: Arc<HubStore>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.flush_contacts()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("writing box contacts (kept for the next try): {e}"),
+            Err(e) => tracing::error!("writing box contacts: {e}"),
+        }
+    }
 }
 
 /// Forgets expired tombstones once an hour.

@@ -197,13 +197,13 @@ pub trait Backend: Send + Sync {
     /// What the hub last heard from a store's box.
     fn box_report(&self, store: &str) -> Result<BoxReport, StoreError>;
 
-    /// Reads, changes and writes a store's box report in one transaction, so the delta and
-    /// push processes of one box reporting at the same moment cannot undo each other's update.
-    /// Not waited for on disk: a lost contact time is replaced by the next one.
-    fn update_box_report(
+    /// Reads, changes and writes the box reports of `stores` in one transaction, so two
+    /// replicas recording contacts of one box at the same moment cannot undo each other's
+    /// update. Not waited for on disk: a lost contact time is replaced by the next one.
+    fn update_box_reports(
         &self,
-        store: &str,
-        change: &mut dyn FnMut(&mut BoxReport),
+        stores: &[&str],
+        change: &mut dyn FnMut(&str, &mut BoxReport),
     ) -> Result<(), StoreError>;
 
     /// Every stored firmware bundle, by version.
@@ -323,6 +323,8 @@ pub struct HubStore {
     digests: Mutex<HashMap<(String, String), ModuleHashes>>,
     /// Store id to its group's key, for the stores in a group.
     group_of: HashMap<String, String>,
+    /// Contacts not written yet, per store, oldest first ([`HubStore::flush_contacts`]).
+    contacts: Mutex<HashMap<String, Vec<Contact>>>,
     group_modules: BTreeSet<String>,
 }
 
@@ -360,6 +362,7 @@ impl HubStore {
             digests: Mutex::new(HashMap::new()),
             group_of: HashMap::new(),
             group_modules: BTreeSet::new(),
+            contacts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -638,7 +641,10 @@ impl HubStore {
         Ok(deleted)
     }
 
-    /// Records a box's contact. Cursors it reports replace the ones known.
+    /// Records a box's contact. Cursors it reports replace the ones known. Kept in memory
+    /// until the next [`HubStore::flush_contacts`]: every call of every box reports a contact,
+    /// and one transaction a second for all of them costs the database far less than one per
+    /// call. Reads of the report through [`HubStore::box_report`] see it at once.
     pub fn note_contact(
         &self,
         store: &str,
@@ -646,40 +652,125 @@ impl HubStore {
         cursors: Option<&[ModuleCursor]>,
         ack: Option<&proto::Ack>,
     ) -> Result<(), StoreError> {
-        let reported: Vec<&ModuleCursor> = cursors
-            .into_iter()
-            .flatten()
-            .chain(ack.into_iter().flat_map(|a| &a.cursors))
-            .collect();
-        // A cursor equal to the module's head means the box was in step at this moment: the
-        // fleet view measures how long a box has been behind from it. The heads are read
-        // before the report is locked, so a write landing between makes the box look
-        // behind, never in step when it is not.
-        let mut heads = HashMap::new();
-        for c in &reported {
-            heads.insert(c.module.as_str(), self.module_head(store, &c.module)?);
+        let contact = Contact {
+            at_ms: now_ms,
+            cursors: cursors.map(<[ModuleCursor]>::to_vec).unwrap_or_default(),
+            ack: ack.cloned(),
+        };
+        self.contacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(store.to_owned())
+            .or_default()
+            .push(contact);
+        Ok(())
+    }
+
+    /// Writes the contacts recorded since the last flush, in one transaction; returns how
+    /// many stores were written. Kept for the next flush when the write fails.
+    pub fn flush_contacts(&self) -> Result<usize, StoreError> {
+        let pending = std::mem::take(&mut *self.contacts.lock().unwrap_or_else(|e| e.into_inner()));
+        if pending.is_empty() {
+            return Ok(0);
         }
-        self.backend.update_box_report(store, &mut |report| {
-            report.last_contact_ms = Some(now_ms);
-            for c in &reported {
-                report.cursors.insert(c.module.clone(), c.cursor);
-                if heads.get(c.module.as_str()) == Some(&c.cursor) {
-                    report.in_step_ms.insert(c.module.clone(), now_ms);
+        let written = (|| {
+            let mut heads = HashMap::with_capacity(pending.len());
+            for (store, contacts) in &pending {
+                heads.insert(store.as_str(), self.heads_of(store, contacts)?);
+            }
+            let stores: Vec<&str> = pending.keys().map(String::as_str).collect();
+            self.backend
+                .update_box_reports(&stores, &mut |store, report| {
+                    if let (Some(contacts), Some(heads)) = (pending.get(store), heads.get(store)) {
+                        apply_contacts(report, contacts, heads);
+                    }
+                })
+        })();
+        if let Err(e) = written {
+            // Put back before anything newer, so a retry applies them in order.
+            let mut now = self.contacts.lock().unwrap_or_else(|e| e.into_inner());
+            for (store, mut older) in pending {
+                let newer = now.remove(&store).unwrap_or_default();
+                older.extend(newer);
+                now.insert(store, older);
+            }
+            return Err(e);
+        }
+        Ok(pending.len())
+    }
+
+    /// The heads of the modules `contacts` report cursors of.
+    fn heads_of(
+        &self,
+        store: &str,
+        contacts: &[Contact],
+    ) -> Result<HashMap<String, u64>, StoreError> {
+        let mut heads = HashMap::new();
+        for contact in contacts {
+            let reported = contact
+                .cursors
+                .iter()
+                .chain(contact.ack.iter().flat_map(|a| &a.cursors));
+            for c in reported {
+                if !heads.contains_key(&c.module) {
+                    heads.insert(c.module.clone(), self.module_head(store, &c.module)?);
                 }
             }
-            if let Some(ack) = ack {
-                report.pending_activity = Some(ack.pending_activity);
-                crate::fleet::note_pending(
-                    &mut report.pending_history,
-                    now_ms,
-                    ack.pending_activity,
-                );
-                report.box_version = Some(ack.box_version.clone());
-                report.last_full_sync_ms = Some(now_ms);
-                report.module_errors =
-                    crate::fleet::note_errors(&report.module_errors, &ack.errors, now_ms);
+        }
+        Ok(heads)
+    }
+
+    /// What the hub last heard from a store's box, contacts not yet written included.
+    pub fn box_report(&self, store: &str) -> Result<BoxReport, StoreError> {
+        let mut report = self.backend.box_report(store)?;
+        let pending = self
+            .contacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(store)
+            .cloned();
+        if let Some(contacts) = pending {
+            let heads = self.heads_of(store, &contacts)?;
+            apply_contacts(&mut report, &contacts, &heads);
+        }
+        Ok(report)
+    }
+}
+
+/// A box's contact as a sync call reported it.
+#[derive(Clone)]
+struct Contact {
+    at_ms: i64,
+    cursors: Vec<ModuleCursor>,
+    ack: Option<proto::Ack>,
+}
+
+/// Applies contacts, oldest first, to a box report. A cursor equal to the module's head in
+/// `heads` (read at the flush, after the contact) means the box was in step: the fleet view
+/// measures how long a box has been behind from it. A write landing between the contact and
+/// the flush makes the box look behind, never in step when it is not.
+fn apply_contacts(report: &mut BoxReport, contacts: &[Contact], heads: &HashMap<String, u64>) {
+    for contact in contacts {
+        let now_ms = contact.at_ms;
+        report.last_contact_ms = Some(report.last_contact_ms.unwrap_or(now_ms).max(now_ms));
+        let reported = contact
+            .cursors
+            .iter()
+            .chain(contact.ack.iter().flat_map(|a| &a.cursors));
+        for c in reported {
+            report.cursors.insert(c.module.clone(), c.cursor);
+            if heads.get(&c.module) == Some(&c.cursor) {
+                report.in_step_ms.insert(c.module.clone(), now_ms);
             }
-        })
+        }
+        if let Some(ack) = &contact.ack {
+            report.pending_activity = Some(ack.pending_activity);
+            crate::fleet::note_pending(&mut report.pending_history, now_ms, ack.pending_activity);
+            report.box_version = Some(ack.box_version.clone());
+            report.last_full_sync_ms = Some(now_ms);
+            report.module_errors =
+                crate::fleet::note_errors(&report.module_errors, &ack.errors, now_ms);
+        }
     }
 }
 

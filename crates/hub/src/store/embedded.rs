@@ -426,10 +426,10 @@ impl Backend for Embedded {
         }
     }
 
-    fn update_box_report(
+    fn update_box_reports(
         &self,
-        store: &str,
-        change: &mut dyn FnMut(&mut BoxReport),
+        stores: &[&str],
+        change: &mut dyn FnMut(&str, &mut BoxReport),
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().ctx("starting a contact write")?;
         // Contact times are bookkeeping, not data a box depends on: losing the last one on a
@@ -438,19 +438,19 @@ impl Backend for Embedded {
             .ctx("setting durability")?;
         {
             let mut reports = txn.open_table(BOX_REPORTS).ctx("opening box reports")?;
-            // Read and written in one transaction, so the delta and push processes of one box
-            // reporting at the same moment cannot undo each other's update.
-            let mut report: BoxReport = match reports.get(store).ctx("reading a box report")? {
-                Some(v) => serde_json::from_slice(v.value())
-                    .map_err(|_| StoreError::Corrupt { what: "box report" })?,
-                None => BoxReport::default(),
-            };
-            change(&mut report);
-            let bytes = serde_json::to_vec(&report)
-                .map_err(|_| StoreError::Corrupt { what: "box report" })?;
-            reports
-                .insert(store, bytes.as_slice())
-                .ctx("writing a box report")?;
+            for store in stores {
+                let mut report: BoxReport = match reports.get(*store).ctx("reading a box report")? {
+                    Some(v) => serde_json::from_slice(v.value())
+                        .map_err(|_| StoreError::Corrupt { what: "box report" })?,
+                    None => BoxReport::default(),
+                };
+                change(store, &mut report);
+                let bytes = serde_json::to_vec(&report)
+                    .map_err(|_| StoreError::Corrupt { what: "box report" })?;
+                reports
+                    .insert(*store, bytes.as_slice())
+                    .ctx("writing a box report")?;
+            }
         }
         txn.commit().ctx("committing a contact")?;
         Ok(())

@@ -1216,31 +1216,43 @@ impl Backend for Postgres {
         })
     }
 
-    fn update_box_report(
+    fn update_box_reports(
         &self,
-        store: &str,
-        change: &mut dyn FnMut(&mut BoxReport),
+        stores: &[&str],
+        change: &mut dyn FnMut(&str, &mut BoxReport),
     ) -> Result<(), StoreError> {
         let empty = value_of(&BoxReport::default(), "box report")?;
         self.write(false, |txn| {
             txn.execute(
-                "INSERT INTO box_reports (store, report) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&store, &empty],
+                "INSERT INTO box_reports (store, report) SELECT s, $2 FROM unnest($1::text[]) AS s \
+                 ON CONFLICT DO NOTHING",
+                &[&stores, &empty],
             )
-            .ctx("creating a box report")?;
-            let row = txn
-                .query_one(
-                    "SELECT report FROM box_reports WHERE store = $1 FOR UPDATE",
-                    &[&store],
+            .ctx("creating box reports")?;
+            // Locked in store order, as every flush does: two replicas flushing at once wait
+            // for each other instead of deadlocking.
+            let rows = txn
+                .query(
+                    "SELECT store, report FROM box_reports WHERE store = ANY($1) \
+                     ORDER BY store FOR UPDATE",
+                    &[&stores],
                 )
-                .ctx("reading a box report")?;
-            let mut report: BoxReport = json_of(col(&row, 0)?, "box report")?;
-            change(&mut report);
+                .ctx("reading box reports")?;
+            let mut names = Vec::with_capacity(rows.len());
+            let mut reports = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let store: String = col(row, 0)?;
+                let mut report: BoxReport = json_of(col(row, 1)?, "box report")?;
+                change(&store, &mut report);
+                reports.push(value_of(&report, "box report")?);
+                names.push(store);
+            }
             txn.execute(
-                "UPDATE box_reports SET report = $2 WHERE store = $1",
-                &[&store, &value_of(&report, "box report")?],
+                "UPDATE box_reports b SET report = u.r \
+                 FROM unnest($1::text[], $2::jsonb[]) AS u(s, r) WHERE b.store = u.s",
+                &[&names, &reports],
             )
-            .ctx("writing a box report")?;
+            .ctx("writing box reports")?;
             Ok(())
         })
     }
