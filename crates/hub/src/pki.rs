@@ -294,8 +294,22 @@ impl Pki {
         let Some(shared) = &self.shared else {
             return Ok(());
         };
+        // Read and parsed without the lock: every request's certificate check takes it, and
+        // a fleet's state is megabytes. Swapped in only if still newer than ours.
+        let Some((version, bytes)) = shared.load()? else {
+            return Ok(());
+        };
+        if self.lock().version == Some(version) {
+            return Ok(());
+        }
+        let mut loaded: State = serde_json::from_slice(&bytes)
+            .context("the PKI state in the database does not parse")?;
+        loaded.version = Some(version);
         let mut state = self.lock();
-        refresh(shared.as_ref(), &mut state)
+        if state.version.is_none_or(|v| v < version) {
+            *state = loaded;
+        }
+        Ok(())
     }
 
     /// The state, to change: on replicas, first brought up to date with the shared copy.

@@ -170,6 +170,10 @@ pub trait Backend: Send + Sync {
     /// The head sequence number of a module.
     fn module_head(&self, store: &str, module: &str) -> Result<u64, StoreError>;
 
+    /// The heads of every module of `keys` (stores or group keys) that was ever written, by
+    /// (key, module): one read for a whole flush of contacts.
+    fn module_heads(&self, keys: &[&str]) -> Result<HashMap<(String, String), u64>, StoreError>;
+
     /// Removes tombstones deleted before `before_ms`, raising each module's horizon. Returns
     /// how many were pruned.
     fn prune_tombstones(&self, before_ms: i64) -> Result<u64, StoreError>;
@@ -674,9 +678,34 @@ impl HubStore {
             return Ok(0);
         }
         let written = (|| {
+            let mut keys: BTreeSet<&str> = pending.keys().map(String::as_str).collect();
+            keys.extend(self.group_of.values().map(String::as_str));
+            let keys: Vec<&str> = keys.into_iter().collect();
+            let all = self.backend.module_heads(&keys)?;
+            let head = |key: &str, module: &str| {
+                all.get(&(key.to_owned(), module.to_owned()))
+                    .copied()
+                    .unwrap_or(0)
+            };
             let mut heads = HashMap::with_capacity(pending.len());
             for (store, contacts) in &pending {
-                heads.insert(store.as_str(), self.heads_of(store, contacts)?);
+                let mut of_store = HashMap::new();
+                for contact in contacts {
+                    let reported = contact
+                        .cursors
+                        .iter()
+                        .chain(contact.ack.iter().flat_map(|a| &a.cursors));
+                    for c in reported {
+                        let h = match self.shared_with(store, &c.module) {
+                            Some(group) => {
+                                join_cursor(head(group, &c.module), head(store, &c.module))
+                            }
+                            None => head(store, &c.module),
+                        };
+                        of_store.insert(c.module.clone(), h);
+                    }
+                }
+                heads.insert(store.as_str(), of_store);
             }
             let stores: Vec<&str> = pending.keys().map(String::as_str).collect();
             self.backend

@@ -287,6 +287,30 @@ impl Backend for Embedded {
 
     /// Removes tombstones deleted before `before_ms`, raising each module's horizon.
     /// Returns how many were pruned.
+    fn module_heads(
+        &self,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<(String, String), u64>, StoreError> {
+        let txn = self.db.begin_read().ctx("starting a read")?;
+        let heads = txn.open_table(MODULE_HEADS).ctx("opening module heads")?;
+        let mut out = std::collections::HashMap::new();
+        for key in keys {
+            for entry in heads.range((*key, "")..).ctx("scanning module heads")? {
+                let (k, v) = entry.ctx("reading a module head")?;
+                let (store, module) = k.value();
+                if store != *key {
+                    break;
+                }
+                let head: ModuleHead =
+                    postcard::from_bytes(v.value()).map_err(|_| StoreError::Corrupt {
+                        what: "module head",
+                    })?;
+                out.insert((store.to_owned(), module.to_owned()), head.head);
+            }
+        }
+        Ok(out)
+    }
+
     fn prune_tombstones(&self, before_ms: i64) -> Result<u64, StoreError> {
         let txn = self.db.begin_write().ctx("starting a prune")?;
         let mut pruned = 0;

@@ -537,14 +537,36 @@ fn listen_once(connection: &Connection, watchers: &Watchers) -> anyhow::Result<(
         .map_err(|e| anyhow::anyhow!("LISTEN: {e}"))?;
     watchers.wake_all();
     reload_pki();
-    let mut notifications = client.notifications();
-    let mut iter = notifications.blocking_iter();
     loop {
-        match iter.next() {
-            Ok(Some(n)) if n.channel() == PKI_CHANNEL => reload_pki(),
-            Ok(Some(n)) => watchers.wake(n.payload()),
-            Ok(None) => anyhow::bail!("the connection closed"),
-            Err(e) => anyhow::bail!("{e}"),
+        let mut pki_changed = false;
+        {
+            let mut notifications = client.notifications();
+            let first = match notifications.blocking_iter().next() {
+                Ok(Some(n)) => n,
+                Ok(None) => anyhow::bail!("the connection closed"),
+                Err(e) => anyhow::bail!("{e}"),
+            };
+            // A burst of enrollments notifies once per box: the state is read once for all
+            // the notifications already here, not once each.
+            let mut handle = |n: postgres::Notification| {
+                if n.channel() == PKI_CHANNEL {
+                    pki_changed = true;
+                } else {
+                    watchers.wake(n.payload());
+                }
+            };
+            handle(first);
+            let mut here = notifications.iter();
+            loop {
+                match here.next() {
+                    Ok(Some(n)) => handle(n),
+                    Ok(None) => break,
+                    Err(e) => anyhow::bail!("{e}"),
+                }
+            }
+        }
+        if pki_changed {
+            reload_pki();
         }
     }
 }
@@ -1078,6 +1100,22 @@ impl Backend for Postgres {
 
     fn module_head(&self, store: &str, module: &str) -> Result<u64, StoreError> {
         self.direct(|c| Ok(read_head(c, store, module)?.0))
+    }
+
+    fn module_heads(&self, keys: &[&str]) -> Result<HashMap<(String, String), u64>, StoreError> {
+        self.direct(|c| {
+            let rows = c
+                .query(
+                    "SELECT store, module, head FROM module_heads WHERE store = ANY($1)",
+                    &[&keys],
+                )
+                .ctx("reading module heads")?;
+            let mut out = HashMap::with_capacity(rows.len());
+            for row in &rows {
+                out.insert((col(row, 0)?, col(row, 1)?), seq(col(row, 2)?));
+            }
+            Ok(out)
+        })
     }
 
     fn prune_tombstones(&self, before_ms: i64) -> Result<u64, StoreError> {
