@@ -39,6 +39,19 @@ async fn switch(target: Arc<AtomicU16>) -> u16 {
     port
 }
 
+/// Sales `r-N` for each N of `numbers`, each accepted by the box.
+async fn sell(b: &StoreBox, numbers: std::ops::Range<u32>) {
+    for n in numbers {
+        let (s, _) = b
+            .post(
+                "/v1/activity",
+                json!({"id": format!("r-{n}"), "type": "sale"}).to_string(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+}
+
 async fn price_on_box(b: &StoreBox, id: &str, cents: u64, within: Duration) -> Duration {
     let started = std::time::Instant::now();
     support::wait_for("the new price on the box", within, || async {
@@ -87,30 +100,14 @@ async fn a_box_moves_between_replicas_and_its_activity_is_stored_once() {
     let took = price_on_box(&b, &id, 4242, Duration::from_secs(10)).await;
     eprintln!("change through the other replica reached the box in {took:?}");
 
-    for n in 0..10 {
-        let (s, _) = b
-            .post(
-                "/v1/activity",
-                json!({"id": format!("r-{n}"), "type": "sale"}).to_string(),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED);
-    }
+    sell(&b, 0..10).await;
     b.wait_pushed(Duration::from_secs(30)).await;
 
     // The first replica goes away; new connections go to the second. Sales made meanwhile
     // reach the hub through it, and so do changes.
     target.store(second.sync_port, Ordering::SeqCst);
     hub.stop();
-    for n in 10..20 {
-        let (s, _) = b
-            .post(
-                "/v1/activity",
-                json!({"id": format!("r-{n}"), "type": "sale"}).to_string(),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED);
-    }
+    sell(&b, 10..20).await;
     b.wait_pushed(Duration::from_secs(60)).await;
     product["price_cents"] = json!(4343);
     let (s, answer) = second.admin(Method::PUT, &path, product.to_string()).await;

@@ -479,21 +479,7 @@ pub async fn idle_round_trips(
 /// the box shares with its group has a cursor only the hub can tell (the group's sequence
 /// number in its high 32 bits, the store's in its low 32), so the bench takes it from here.
 pub async fn cold_full_sync(conn: &Conn) -> anyhow::Result<Vec<(String, u64, proto::Digest)>> {
-    let request = proto::FullRequest {
-        modules: Vec::new(),
-        digests: Vec::new(),
-        records: Vec::new(),
-        status: proto::BoxStatus {
-            pending_activity: 0,
-            box_version: "fleet-bench".into(),
-            errors: Vec::new(),
-        },
-    };
-    let body = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_FULL, &request))
-        .await
-        .context("the cold full sync timed out")??;
-    let answer: proto::FullAnswer =
-        proto::decode_plain(&body, "a full sync answer").context("decoding a full answer")?;
+    let answer = send_full(conn, Vec::new()).await?;
     let mut modules = Vec::new();
     for frame in answer.frames {
         let snapshot: proto::ModuleSnapshot =
@@ -674,29 +660,16 @@ async fn full_sync(
     held: &Mutex<Held>,
     report: &mut BoxReport,
 ) -> anyhow::Result<bool> {
-    let request = proto::FullRequest {
-        modules: Vec::new(),
-        digests: lock(held)
-            .modules
-            .iter()
-            .map(|(module, cursor, digest)| proto::ModuleDigest {
-                module: module.clone(),
-                cursor: *cursor,
-                digest: *digest,
-            })
-            .collect(),
-        records: Vec::new(),
-        status: proto::BoxStatus {
-            pending_activity: 0,
-            box_version: "fleet-bench".into(),
-            errors: Vec::new(),
-        },
-    };
-    let body = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_FULL, &request))
-        .await
-        .context("the full sync timed out")??;
-    let answer: proto::FullAnswer =
-        proto::decode_plain(&body, "a full sync answer").context("decoding a full answer")?;
+    let digests = lock(held)
+        .modules
+        .iter()
+        .map(|(module, cursor, digest)| proto::ModuleDigest {
+            module: module.clone(),
+            cursor: *cursor,
+            digest: *digest,
+        })
+        .collect();
+    let answer = send_full(conn, digests).await?;
     for frame in answer.frames {
         let snapshot: proto::ModuleSnapshot =
             proto::decode_payload(&frame.payload, "a module snapshot")
@@ -732,6 +705,27 @@ async fn full_sync(
         }
     }
     Ok(answer.acknowledged)
+}
+
+/// One full sync request, with what the box holds (nothing for a cold one), and its answer.
+async fn send_full(
+    conn: &Conn,
+    digests: Vec<proto::ModuleDigest>,
+) -> anyhow::Result<proto::FullAnswer> {
+    let request = proto::FullRequest {
+        modules: Vec::new(),
+        digests,
+        records: Vec::new(),
+        status: proto::BoxStatus {
+            pending_activity: 0,
+            box_version: "fleet-bench".into(),
+            errors: Vec::new(),
+        },
+    };
+    let body = tokio::time::timeout(CALL_TIMEOUT, conn.sync(proto::PATH_FULL, &request))
+        .await
+        .context("the full sync timed out")??;
+    proto::decode_plain(&body, "a full sync answer").context("decoding a full answer")
 }
 
 /// The shop's sales, pushed as they happen.

@@ -678,35 +678,14 @@ impl HubStore {
             return Ok(0);
         }
         let written = (|| {
-            let mut keys: BTreeSet<&str> = pending.keys().map(String::as_str).collect();
-            keys.extend(self.group_of.values().map(String::as_str));
-            let keys: Vec<&str> = keys.into_iter().collect();
-            let all = self.backend.module_heads(&keys)?;
-            let head = |key: &str, module: &str| {
-                all.get(&(key.to_owned(), module.to_owned()))
-                    .copied()
-                    .unwrap_or(0)
-            };
-            let mut heads = HashMap::with_capacity(pending.len());
-            for (store, contacts) in &pending {
-                let mut of_store = HashMap::new();
-                for contact in contacts {
-                    let reported = contact
-                        .cursors
-                        .iter()
-                        .chain(contact.ack.iter().flat_map(|a| &a.cursors));
-                    for c in reported {
-                        let h = match self.shared_with(store, &c.module) {
-                            Some(group) => {
-                                join_cursor(head(group, &c.module), head(store, &c.module))
-                            }
-                            None => head(store, &c.module),
-                        };
-                        of_store.insert(c.module.clone(), h);
-                    }
-                }
-                heads.insert(store.as_str(), of_store);
-            }
+            let keys: Vec<&str> = pending.keys().map(String::as_str).collect();
+            let all = self.all_heads(&keys)?;
+            let heads: HashMap<&str, HashMap<String, u64>> = pending
+                .iter()
+                .map(|(store, contacts)| {
+                    (store.as_str(), self.reported_heads(&all, store, contacts))
+                })
+                .collect();
             let stores: Vec<&str> = pending.keys().map(String::as_str).collect();
             self.backend
                 .update_box_reports(&stores, &mut |store, report| {
@@ -728,12 +707,27 @@ impl HubStore {
         Ok(pending.len())
     }
 
-    /// The heads of the modules `contacts` report cursors of.
-    fn heads_of(
+    /// The heads of every module of `stores` and of the groups: one read of the backend.
+    fn all_heads(&self, stores: &[&str]) -> Result<HashMap<(String, String), u64>, StoreError> {
+        let mut keys: BTreeSet<&str> = stores.iter().copied().collect();
+        keys.extend(self.group_of.values().map(String::as_str));
+        self.backend
+            .module_heads(&keys.into_iter().collect::<Vec<_>>())
+    }
+
+    /// The heads, as `store`'s box sees them, of the modules `contacts` report cursors of,
+    /// from the heads `all` read by [`HubStore::all_heads`].
+    fn reported_heads(
         &self,
+        all: &HashMap<(String, String), u64>,
         store: &str,
         contacts: &[Contact],
-    ) -> Result<HashMap<String, u64>, StoreError> {
+    ) -> HashMap<String, u64> {
+        let head = |key: &str, module: &str| {
+            all.get(&(key.to_owned(), module.to_owned()))
+                .copied()
+                .unwrap_or(0)
+        };
         let mut heads = HashMap::new();
         for contact in contacts {
             let reported = contact
@@ -741,12 +735,14 @@ impl HubStore {
                 .iter()
                 .chain(contact.ack.iter().flat_map(|a| &a.cursors));
             for c in reported {
-                if !heads.contains_key(&c.module) {
-                    heads.insert(c.module.clone(), self.module_head(store, &c.module)?);
-                }
+                let h = match self.shared_with(store, &c.module) {
+                    Some(group) => join_cursor(head(group, &c.module), head(store, &c.module)),
+                    None => head(store, &c.module),
+                };
+                heads.insert(c.module.clone(), h);
             }
         }
-        Ok(heads)
+        heads
     }
 
     /// What the hub last heard from a store's box, contacts not yet written included.
@@ -759,7 +755,8 @@ impl HubStore {
             .get(store)
             .cloned();
         if let Some(contacts) = pending {
-            let heads = self.heads_of(store, &contacts)?;
+            let all = self.all_heads(&[store])?;
+            let heads = self.reported_heads(&all, store, &contacts);
             apply_contacts(&mut report, &contacts, &heads);
         }
         Ok(report)
