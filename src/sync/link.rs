@@ -57,7 +57,8 @@ pub enum LinkError {
     },
     #[error("TLS handshake with the hub failed: {0}")]
     Tls(#[source] std::io::Error),
-    #[error("HTTP/2 with the hub failed: {0}")]
+    // hyper's own message is only "http2 error": the causes say which (a GOAWAY, a reset).
+    #[error("HTTP/2 with the hub failed: {}", with_causes(.0))]
     Http(#[from] hyper::Error),
     #[error("the hub did not answer within {0:?}")]
     Timeout(Duration),
@@ -365,7 +366,7 @@ impl HubLink {
         // again at once on a new connection. Every sync call is safe to repeat: reads, and
         // pushes the hub deduplicates by event id.
         if let Ok(Err(LinkError::Http(e))) = &result {
-            if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
+            if never_reached_the_hub(e) {
                 tracing::debug!("the hub connection closed under a request; sending it again");
                 *self.connection.lock().await = None;
                 result =
@@ -984,9 +985,123 @@ impl AsyncWrite for Counted {
     }
 }
 
+/// An error's message followed by those of its causes, as "a: b: c".
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a failed request can be sent again on a new connection because the hub closed the
+/// connection under it: the connection was gone before or while it was sent, or the hub's
+/// HTTP/2 GOAWAY (sent when it recycles a connection) or REFUSED_STREAM says it did not
+/// process the stream (RFC 9113, 6.8 and 8.7).
+fn never_reached_the_hub(e: &hyper::Error) -> bool {
+    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = cause.source();
+    }
+    false
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A minimal HTTP/2 peer: it settles the settings, waits for the request's HEADERS, then
+    /// answers them with one raw frame (a GOAWAY or a RST_STREAM), and returns the error the
+    /// client's request ends with.
+    async fn request_answered_with(frame_type: u8, payload: Vec<u8>, stream: u32) -> hyper::Error {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            socket.read_exact(&mut preface).await.unwrap();
+            socket
+                .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                socket.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut body = vec![0u8; len];
+                socket.read_exact(&mut body).await.unwrap();
+                match (head[3], head[4] & 1) {
+                    // SETTINGS, not an ACK: acknowledge.
+                    (4, 0) => socket
+                        .write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
+                        .await
+                        .unwrap(),
+                    // HEADERS: the request.
+                    (1, _) => break,
+                    _ => {}
+                }
+            }
+            let len = (payload.len() as u32).to_be_bytes();
+            let mut frame = vec![len[1], len[2], len[3], frame_type, 0];
+            frame.extend_from_slice(&stream.to_be_bytes());
+            frame.extend_from_slice(&payload);
+            socket.write_all(&frame).await.unwrap();
+            // Hold the socket open until the client has read the frame and gone.
+            let mut rest = Vec::new();
+            let _ = socket.read_to_end(&mut rest).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::handshake::<
+            _,
+            _,
+            http_body_util::Full<Bytes>,
+        >(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("http://hub/v3/sync/delta")
+            .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let error = sender.send_request(request).await.unwrap_err();
+        drop(sender);
+        peer.abort();
+        error
+    }
+
+    #[tokio::test]
+    async fn a_request_the_hub_did_not_process_is_sent_again() {
+        // GOAWAY with last stream 0 and NO_ERROR: the hub recycles the connection and never
+        // processed stream 1.
+        let goaway = [0u32.to_be_bytes(), 0u32.to_be_bytes()].concat();
+        let e = request_answered_with(7, goaway, 0).await;
+        assert!(never_reached_the_hub(&e), "{}", with_causes(&e));
+        let message = LinkError::Http(e).to_string();
+        assert!(
+            message.contains("connection error received"),
+            "the cause is not named: {message}"
+        );
+        // RST_STREAM with REFUSED_STREAM (7).
+        let e = request_answered_with(3, 7u32.to_be_bytes().to_vec(), 1).await;
+        assert!(never_reached_the_hub(&e), "{}", with_causes(&e));
+        // RST_STREAM with INTERNAL_ERROR (2): the hub may have acted on it; not sent again.
+        let e = request_answered_with(3, 2u32.to_be_bytes().to_vec(), 1).await;
+        assert!(!never_reached_the_hub(&e), "{}", with_causes(&e));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_shaper_holds_the_rate_and_serves_push_first() {
