@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use storebox_protocol::{self as proto, CanonicalRecord, Change, ChangeBody, Digest, ModuleCursor};
 
 pub mod embedded;
+pub mod heads;
 pub mod ota;
 pub mod postgres;
 
@@ -274,6 +275,10 @@ pub fn group_key(group: &str) -> String {
 /// A box's cursor in a module shared with its group holds two sequence numbers: the group's
 /// in the high 32 bits, the store's own overrides' in the low 32. Four billion writes of
 /// either is more than a module sees in its life.
+/// How many complete pages of group changes are kept: a handful of cursors per module is the
+/// usual case (the boxes of a group are at the same place), so this is plenty.
+const GROUP_PAGES: usize = 256;
+
 fn join_cursor(group: u64, own: u64) -> u64 {
     (group.min(u64::from(u32::MAX)) << 32) | own.min(u64::from(u32::MAX))
 }
@@ -288,11 +293,15 @@ pub struct Watchers {
     by_store: Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
     /// Group key to its stores: a write to a group wakes all of them.
     groups: Mutex<HashMap<String, Vec<String>>>,
+    /// The module heads this process has read, forgotten on every notification of a write.
+    pub heads: heads::HeadCache,
 }
 
 impl Watchers {
     /// Wakes the boxes waiting for a change of `key`: a store, or every store of a group.
     pub fn wake(&self, key: &str) {
+        // Forgotten before the boxes wake, so that what they read next is the write's.
+        self.heads.forget(key);
         let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         let watchers = self.by_store.lock().unwrap_or_else(|e| e.into_inner());
         let wake = |store: &str| {
@@ -308,6 +317,7 @@ impl Watchers {
 
     /// Wakes every waiting box, after notifications may have been missed.
     pub fn wake_all(&self) {
+        self.heads.forget_all();
         let watchers = self.by_store.lock().unwrap_or_else(|e| e.into_inner());
         for tx in watchers.values() {
             tx.send_modify(|n| *n = n.wrapping_add(1));
@@ -329,6 +339,10 @@ pub struct HubStore {
     group_of: HashMap<String, String>,
     /// Contacts not written yet, per store, oldest first ([`HubStore::flush_contacts`]).
     contacts: Mutex<HashMap<String, Vec<Contact>>>,
+    /// Complete answers of [`HubStore::group_changes`], by (group key, module, cursor, limit),
+    /// with the head they were read at.
+    #[allow(clippy::type_complexity)]
+    group_pages: Mutex<HashMap<(String, String, u64, usize), (u64, Arc<Vec<Change>>)>>,
     group_modules: BTreeSet<String>,
 }
 
@@ -352,9 +366,13 @@ impl std::ops::Deref for HubStore {
 impl HubStore {
     /// Opens (or creates) the embedded database in `dir`.
     pub fn open(dir: &std::path::Path) -> anyhow::Result<HubStore> {
+        let watchers = Arc::new(Watchers::default());
+        // This process is the embedded database's only writer, and every write goes through
+        // this facade, which forgets the heads it changes.
+        watchers.heads.set_on(true);
         Ok(HubStore::with_backend(
             Box::new(embedded::Embedded::open(dir)?),
-            Arc::new(Watchers::default()),
+            watchers,
         ))
     }
 
@@ -367,6 +385,7 @@ impl HubStore {
             group_of: HashMap::new(),
             group_modules: BTreeSet::new(),
             contacts: Mutex::new(HashMap::new()),
+            group_pages: Mutex::new(HashMap::new()),
         }
     }
 
@@ -396,13 +415,38 @@ impl HubStore {
         self.group_of.get(store).map(String::as_str)
     }
 
+    /// The heads of every module of `key` (a store or a group's key), from memory when this
+    /// process can trust it ([`heads`]).
+    fn heads_of(&self, key: &str) -> Result<heads::Heads, StoreError> {
+        let read = || -> Result<heads::Heads, StoreError> {
+            let heads = self.backend.module_heads(&[key])?;
+            Ok(Arc::new(
+                heads.into_iter().map(|((_, m), head)| (m, head)).collect(),
+            ))
+        };
+        match self.watchers.heads.lookup(key) {
+            heads::Lookup::Hit(heads) => Ok(heads),
+            heads::Lookup::Miss(ticket) => {
+                let heads = read()?;
+                self.watchers.heads.offer(key, ticket, heads.clone());
+                Ok(heads)
+            }
+            heads::Lookup::Off => read(),
+        }
+    }
+
+    /// The head of `key`'s own records of a module (not its group's).
+    fn own_head(&self, key: &str, module: &str) -> Result<u64, StoreError> {
+        Ok(self.heads_of(key)?.get(module).copied().unwrap_or(0))
+    }
+
     /// A module's head as a box of `store` sees it.
     pub fn module_head(&self, store: &str, module: &str) -> Result<u64, StoreError> {
         match self.shared_with(store, module) {
-            None => self.backend.module_head(store, module),
+            None => self.own_head(store, module),
             Some(group) => Ok(join_cursor(
-                self.backend.module_head(group, module)?,
-                self.backend.module_head(store, module)?,
+                self.own_head(group, module)?,
+                self.own_head(store, module)?,
             )),
         }
     }
@@ -448,12 +492,17 @@ impl HubStore {
         limit: usize,
     ) -> Result<Option<(Vec<Change>, u64, bool)>, StoreError> {
         let Some(group) = self.shared_with(store, module) else {
+            // A box at the head has nothing to read (a cursor above the head is left to the
+            // backend, which knows whether it is valid).
+            if cursor == self.own_head(store, module)? {
+                return Ok(Some((Vec::new(), cursor, false)));
+            }
             return self.backend.changes_since(store, module, cursor, limit);
         };
         let (group_cursor, own_cursor) = split_cursor(cursor);
+        let own_head = self.own_head(store, module)?;
         let Some((shared, group_last, group_more)) =
-            self.backend
-                .changes_since(group, module, group_cursor, limit)?
+            self.group_changes(group, module, group_cursor, limit)?
         else {
             return Ok(None);
         };
@@ -464,17 +513,22 @@ impl HubStore {
         } else {
             limit.saturating_sub(shared.len())
         };
-        let Some((own, own_last, own_more)) = self
-            .backend
-            .changes_since(store, module, own_cursor, own_limit)?
-        else {
-            return Ok(None);
+        let (own, own_last, own_more) = if own_cursor == own_head {
+            (Vec::new(), own_cursor, false)
+        } else {
+            match self
+                .backend
+                .changes_since(store, module, own_cursor, own_limit)?
+            {
+                Some(own) => own,
+                None => return Ok(None),
+            }
         };
         let own_ids: std::collections::HashSet<&str> = own.iter().map(|c| c.id.as_str()).collect();
         // A store that never wrote to the module overrides nothing: no lookups.
-        let overrides = self.backend.module_head(store, module)? > 0;
+        let overrides = own_head > 0;
         let mut out = Vec::with_capacity(shared.len() + own.len());
-        for change in &shared {
+        for change in shared.iter() {
             // The store's own version of a record hides the group's; one changed in this
             // answer too is resolved below.
             if own_ids.contains(change.id.as_str())
@@ -507,6 +561,47 @@ impl HubStore {
             join_cursor(group_last, own_last),
             group_more || own_more,
         )))
+    }
+
+    /// A group's changes of a module after `cursor`, as [`Backend::changes_since`]. A
+    /// complete answer (no more pages) depends only on the cursor and the group's head, so
+    /// the boxes of a group pulling the same change at once share one read of it.
+    #[allow(clippy::type_complexity)]
+    fn group_changes(
+        &self,
+        group: &str,
+        module: &str,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Option<(Arc<Vec<Change>>, u64, bool)>, StoreError> {
+        let head = self.own_head(group, module)?;
+        if cursor == head {
+            return Ok(Some((Arc::new(Vec::new()), cursor, false)));
+        }
+        let key = (group.to_owned(), module.to_owned(), cursor, limit);
+        let mut pages = self.group_pages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((last, changes)) = pages.get(&key) {
+            // Kept only for the head it was read at: a later write may have moved records
+            // out of it.
+            if *last == head {
+                return Ok(Some((changes.clone(), head, false)));
+            }
+        }
+        drop(pages);
+        let Some((changes, last, more)) =
+            self.backend.changes_since(group, module, cursor, limit)?
+        else {
+            return Ok(None);
+        };
+        let changes = Arc::new(changes);
+        if !more {
+            pages = self.group_pages.lock().unwrap_or_else(|e| e.into_inner());
+            if pages.len() >= GROUP_PAGES {
+                pages.clear();
+            }
+            pages.insert(key, (last, changes.clone()));
+        }
+        Ok(Some((changes, last, more)))
     }
 
     /// A receiver that changes after every write to `store`'s modules.

@@ -10,8 +10,9 @@
 //! - activity is unique on (store, event id) in the database, and a store's pushes lock its
 //!   `activity_heads` row: two replicas receiving the same batch store it once;
 //! - every write to a store's records ends with `pg_notify('storehub_changes', store)` in its
-//!   transaction, delivered at commit to every replica's [`listen`] thread, which wakes the
-//!   boxes of that store waiting on that replica;
+//!   transaction, delivered at commit to every replica's [`listen`] thread, which forgets the
+//!   store's module heads that replica keeps in memory and wakes the boxes of that store
+//!   waiting on it;
 //! - box reports and firmware states are JSON (`jsonb`), as in the embedded backend, so a
 //!   field added to them needs no migration.
 //!
@@ -513,6 +514,9 @@ pub fn listen(connection: Connection, watchers: Arc<Watchers>) -> std::io::Resul
                 match listen_once(&connection, &watchers) {
                     Ok(()) => delay = Duration::from_millis(200),
                     Err(e) => {
+                        // Writes of other replicas go unheard until the next LISTEN: the
+                        // module heads are read from the database meanwhile.
+                        watchers.heads.set_on(false);
                         tracing::warn!(
                             "change notifications from PostgreSQL lost ({e}); \
                              reconnecting in {} ms",
@@ -535,6 +539,8 @@ fn listen_once(connection: &Connection, watchers: &Watchers) -> anyhow::Result<(
     client
         .batch_execute(&format!("LISTEN {PKI_CHANNEL}"))
         .map_err(|e| anyhow::anyhow!("LISTEN: {e}"))?;
+    // From here every write is heard: the heads this process reads can be kept.
+    watchers.heads.set_on(true);
     watchers.wake_all();
     reload_pki();
     loop {
