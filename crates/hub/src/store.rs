@@ -331,10 +331,12 @@ impl Watchers {
 pub struct HubStore {
     backend: Box<dyn Backend>,
     watchers: Arc<Watchers>,
-    /// Per (store, module): the digest and record hashes at a head, so a thousand boxes
-    /// checking the same module do not each hash every record. Stores that override nothing
-    /// of a shared module share one entry, under the group's key.
-    digests: Mutex<HashMap<(String, String), ModuleHashes>>,
+    /// Per (store, module): the digest at a head, so a thousand boxes checking the same
+    /// module do not each hash every record. Stores that override nothing of a shared module
+    /// share one entry, under the group's key.
+    digests: Mutex<HashMap<(String, String), (u64, Digest)>>,
+    /// Per (group key, module): the record hashes at a head ([`HubStore::module_hashes`]).
+    shared_hashes: Mutex<HashMap<(String, String), ModuleHashes>>,
     /// Store id to its group's key, for the stores in a group.
     group_of: HashMap<String, String>,
     /// Contacts not written yet, per store, oldest first ([`HubStore::flush_contacts`]).
@@ -382,6 +384,7 @@ impl HubStore {
             backend,
             watchers,
             digests: Mutex::new(HashMap::new()),
+            shared_hashes: Mutex::new(HashMap::new()),
             group_of: HashMap::new(),
             group_modules: BTreeSet::new(),
             contacts: Mutex::new(HashMap::new()),
@@ -621,22 +624,52 @@ impl HubStore {
         self.watchers.wake(store);
     }
 
-    /// The digest and record hashes of a module at its head.
-    pub fn module_hashes(&self, store: &str, module: &str) -> Result<ModuleHashes, StoreError> {
-        let head = self.module_head(store, module)?;
-        let key = match self.shared_with(store, module) {
-            // No overrides: the store sees exactly its group's records.
+    /// The key a module's digest is kept under: the group's, for a store that overrides
+    /// nothing of a shared module (it sees exactly its group's records).
+    fn digest_key(&self, store: &str, module: &str, head: u64) -> (String, String) {
+        match self.shared_with(store, module) {
             Some(group) if split_cursor(head).1 == 0 => (group.to_owned(), module.to_owned()),
             _ => (store.to_owned(), module.to_owned()),
-        };
-        if let Some(cached) = self
+        }
+    }
+
+    /// The head and digest of a module as a box of `store` sees it: kept for every store and
+    /// module (a few dozen bytes each), so a delta or a full sync that finds nothing new
+    /// reads no records.
+    pub fn module_digest(&self, store: &str, module: &str) -> Result<(u64, Digest), StoreError> {
+        let head = self.module_head(store, module)?;
+        let key = self.digest_key(store, module, head);
+        if let Some((at, digest)) = self
             .digests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            if cached.head == head {
-                return Ok(cached.clone());
+            if *at == head {
+                return Ok((head, *digest));
+            }
+        }
+        let hashes = self.module_hashes(store, module)?;
+        Ok((hashes.head, hashes.digest))
+    }
+
+    /// The digest and record hashes of a module at its head. The hashes (a few dozen bytes
+    /// per record) are kept only for a group's modules, which a whole group compares with;
+    /// a store's own are read again when needed, which is when a box's module differs.
+    pub fn module_hashes(&self, store: &str, module: &str) -> Result<ModuleHashes, StoreError> {
+        let head = self.module_head(store, module)?;
+        let key = self.digest_key(store, module, head);
+        let shared = key.0 != store;
+        if shared {
+            if let Some(cached) = self
+                .shared_hashes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+            {
+                if cached.head == head {
+                    return Ok(cached.clone());
+                }
             }
         }
         let (records, head) = self.snapshot(store, module)?;
@@ -657,7 +690,13 @@ impl HubStore {
         self.digests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, computed.clone());
+            .insert(key.clone(), (head, digest));
+        if shared {
+            self.shared_hashes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, computed.clone());
+        }
         Ok(computed)
     }
 

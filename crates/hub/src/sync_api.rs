@@ -101,14 +101,15 @@ impl SyncState {
         }
     }
 
-    /// The encoded `Records` snapshot of a module at `hashes.head`, from the cache, or read
-    /// and encoded now. The cache is looked at before the database is read, so a box whose
+    /// The encoded `Records` snapshot of a module at head `at` (whose digest is `at_digest`),
+    /// from the cache, or read and encoded now. The cache is looked at before the database is read, so a box whose
     /// snapshot is cached costs no scan.
     fn records_payload(
         &self,
         store: &str,
         module: &str,
-        hashes: &crate::store::ModuleHashes,
+        at: u64,
+        at_digest: proto::Digest,
     ) -> Result<Arc<Vec<u8>>, String> {
         let cached = |head: u64| {
             let key = (store.to_owned(), module.to_owned(), head);
@@ -119,7 +120,7 @@ impl SyncState {
                 .find(|(k, _)| *k == key)
                 .map(|(_, payload)| payload.clone())
         };
-        if let Some(payload) = cached(hashes.head) {
+        if let Some(payload) = cached(at) {
             return Ok(payload);
         }
         let (records, head) = self
@@ -127,8 +128,8 @@ impl SyncState {
             .snapshot(store, module)
             .map_err(|e| e.to_string())?;
         // A write landed since the digest was taken: the snapshot is of a newer head.
-        let digest = if head == hashes.head {
-            hashes.digest
+        let digest = if head == at {
+            at_digest
         } else {
             if let Some(payload) = cached(head) {
                 return Ok(payload);
@@ -353,8 +354,8 @@ fn delta(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respons
                     let digest = if more || changes.is_empty() {
                         None
                     } else {
-                        match state.store.module_hashes(store, &module.name) {
-                            Ok(h) if h.head == cursor => Some(h.digest),
+                        match state.store.module_digest(store, &module.name) {
+                            Ok((head, digest)) if head == cursor => Some(digest),
                             Ok(_) => None,
                             Err(e) => {
                                 tracing::error!("store {store}, module {}: {e}", module.name);
@@ -492,9 +493,9 @@ fn full_module(
     module: &str,
     held: Option<&proto::ModuleDigest>,
 ) -> Result<(Vec<u8>, bool), String> {
-    let hashes = state
+    let (head, digest) = state
         .store
-        .module_hashes(store, module)
+        .module_digest(store, module)
         .map_err(|e| e.to_string())?;
     let encode = |s: &proto::ModuleSnapshot| {
         proto::encode(s, proto::PAYLOAD_ZSTD_LEVEL).map_err(|e| e.to_string())
@@ -502,30 +503,28 @@ fn full_module(
     let Some(held) = held else {
         // A box that holds nothing of the module gets every record.
         return state
-            .records_payload(store, module, &hashes)
+            .records_payload(store, module, head, digest)
             .map(|p| (p.as_ref().clone(), false));
     };
-    if held.cursor == hashes.head && held.digest == hashes.digest {
+    if held.cursor == head && held.digest == digest {
         return Ok((
-            encode(&proto::ModuleSnapshot::Unchanged {
-                cursor: hashes.head,
-            })?,
+            encode(&proto::ModuleSnapshot::Unchanged { cursor: head })?,
             true,
         ));
     }
     // The box missed some changes but the hub still has them all: they and a digest check
     // cost what a delta costs.
-    if held.cursor < hashes.head {
+    if held.cursor < head {
         if let Some((changes, cursor, false)) = state
             .store
             .changes_since(store, module, held.cursor, MAX_DELTA_LIMIT as usize)
             .map_err(|e| e.to_string())?
         {
-            if cursor == hashes.head {
+            if cursor == head {
                 let payload = encode(&proto::ModuleSnapshot::Changes {
                     changes,
                     cursor,
-                    digest: hashes.digest,
+                    digest,
                 })?;
                 return Ok((payload, false));
             }
@@ -533,6 +532,10 @@ fn full_module(
     }
     // The box's records differ in a way the change log cannot tell (damage, a cursor the
     // hub cannot serve): compare bucket by bucket.
+    let hashes = state
+        .store
+        .module_hashes(store, module)
+        .map_err(|e| e.to_string())?;
     let count = proto::bucket_count_for(hashes.digest.count);
     let buckets =
         proto::bucket_hashes(hashes.hashes.iter().map(|(id, h)| (id.as_str(), *h)), count);
@@ -576,13 +579,13 @@ fn repair(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Respon
         .store
         .repair(store, &module.name, request.bucket_count, &buckets, &held)
         .and_then(|(changes, head)| {
-            let hashes = state.store.module_hashes(store, &module.name)?;
-            Ok((changes, head, hashes))
+            let (_, digest) = state.store.module_digest(store, &module.name)?;
+            Ok((changes, head, digest))
         }) {
-        Ok((changes, head, hashes)) => proto::ModuleSnapshot::Changes {
+        Ok((changes, head, digest)) => proto::ModuleSnapshot::Changes {
             changes,
             cursor: head,
-            digest: hashes.digest,
+            digest,
         },
         Err(e) => proto::ModuleSnapshot::Failed {
             error: e.to_string(),
