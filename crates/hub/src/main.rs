@@ -98,6 +98,7 @@ enum Command {
 const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     let filter = std::env::var("STOREHUB_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
@@ -270,6 +271,25 @@ fn migrate(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc gives threads that allocate at the same moment arenas of their own, up to eight per
+/// core, and memory freed in one arena serves no other: after a burst of thousands of boxes a
+/// replica kept a third more memory than it used. A few arenas are plenty for a process whose
+/// work runs on a few worker threads and a bounded blocking pool (measured with 1,000 boxes:
+/// 62 KiB per box above idle with 4 arenas, 74 KiB with glibc's default).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets one of malloc's tunables; it is called first thing in main,
+    // before any other thread exists. Its result (0 when refused) needs no handling: the
+    // default arenas work, with more memory.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 /// Opens the configured database; for PostgreSQL, also starts listening to the other
 /// replicas' change notifications. Blocking: called before the async runtime starts.
 fn open_store(config: &HubConfig) -> anyhow::Result<HubStore> {
@@ -308,7 +328,18 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     raise_open_files(config.sync.max_connections as u64 + 1024);
     let store = Arc::new(open_store(&config)?);
     storehub::ota::prepare(&config.ota_dir(), &store)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // Sync calls reach the database on the blocking pool. More threads than the database
+    // can serve at once only wait for a connection, and each keeps its stack and allocator
+    // cache: tokio's default of 512 cost a replica tens of MiB after a burst of 5,000 boxes.
+    let blocking = match &config.database {
+        Some(database) => (database.pool_size * 2).clamp(16, 512),
+        None => 64,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(blocking)
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let token = std::fs::read_to_string(&config.admin.token_file)
             .with_context(|| format!("reading {}", config.admin.token_file.display()))?
