@@ -443,6 +443,19 @@ impl HubStore {
         Ok(self.heads_of(key)?.get(module).copied().unwrap_or(0))
     }
 
+    /// A module's head as a box of `store` sees it, if this process holds it in memory: for
+    /// callers on an async thread, which must not wait for the database.
+    pub fn cached_module_head(&self, store: &str, module: &str) -> Option<u64> {
+        let own = |key: &str| match self.watchers.heads.lookup(key) {
+            heads::Lookup::Hit(heads) => Some(heads.get(module).copied().unwrap_or(0)),
+            heads::Lookup::Miss(_) | heads::Lookup::Off => None,
+        };
+        match self.shared_with(store, module) {
+            None => own(store),
+            Some(group) => Some(join_cursor(own(group)?, own(store)?)),
+        }
+    }
+
     /// A module's head as a box of `store` sees it.
     pub fn module_head(&self, store: &str, module: &str) -> Result<u64, StoreError> {
         match self.shared_with(store, module) {

@@ -609,29 +609,30 @@ async fn watch(
     let mut changes = state.store.subscribe(store);
     loop {
         changes.borrow_and_update();
-        let worker = state.clone();
-        let cursors = request.cursors.clone();
-        let store_id = store.to_owned();
-        let changed = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
-            let mut changed = Vec::new();
-            for module in &worker.config.modules {
-                let cursor = cursors
-                    .iter()
-                    .find(|c| c.module == module.name)
-                    .map(|c| c.cursor);
-                let head = worker
-                    .store
-                    .module_head(&store_id, &module.name)
-                    .map_err(|e| e.to_string())?;
-                if cursor.is_none_or(|c| c != head) {
-                    changed.push(module.name.clone());
-                }
+        let changed = match changed_in_memory(state, store, &request.cursors) {
+            Some(changed) => changed,
+            None => {
+                let worker = state.clone();
+                let cursors = request.cursors.clone();
+                let store_id = store.to_owned();
+                tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
+                    let mut changed = Vec::new();
+                    for module in &worker.config.modules {
+                        let head = worker
+                            .store
+                            .module_head(&store_id, &module.name)
+                            .map_err(|e| e.to_string())?;
+                        if moved(&cursors, &module.name, head) {
+                            changed.push(module.name.clone());
+                        }
+                    }
+                    Ok(changed)
+                })
+                .await
+                .map_err(internal)?
+                .map_err(internal)?
             }
-            Ok(changed)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        };
         if !changed.is_empty() {
             return proto::encode(&proto::WatchAnswer { changed }, 3).map_err(internal);
         }
@@ -643,6 +644,32 @@ async fn watch(
             }
         }
     }
+}
+
+/// Whether a module's head differs from the box's cursor (or the box has none).
+fn moved(cursors: &[proto::ModuleCursor], module: &str, head: u64) -> bool {
+    cursors
+        .iter()
+        .find(|c| c.module == module)
+        .is_none_or(|c| c.cursor != head)
+}
+
+/// The modules whose head moved past the box's cursors, when every head is in this
+/// process's memory: a watch then checks without a trip to the blocking pool, which matters
+/// when a change to a group wakes thousands of watches at once.
+fn changed_in_memory(
+    state: &SyncState,
+    store: &str,
+    cursors: &[proto::ModuleCursor],
+) -> Option<Vec<String>> {
+    let mut changed = Vec::new();
+    for module in &state.config.modules {
+        let head = state.store.cached_module_head(store, &module.name)?;
+        if moved(cursors, &module.name, head) {
+            changed.push(module.name.clone());
+        }
+    }
+    Some(changed)
 }
 
 fn activity(state: &SyncState, store: &str, body: &[u8]) -> Result<Vec<u8>, Response<Body>> {

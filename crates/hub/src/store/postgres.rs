@@ -1153,14 +1153,14 @@ impl Backend for Postgres {
         now_ms: i64,
     ) -> Result<PushOutcome, StoreError> {
         self.write(true, |txn| {
-            txn.execute(
-                "INSERT INTO activity_heads (store) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&store],
-            )
-            .ctx("creating an activity head")?;
+            // One statement creates the store's head if need be and locks it (the no-op
+            // update takes the row lock), so pushes of a store number their events in
+            // commit order.
             let row = txn
                 .query_one(
-                    "SELECT head FROM activity_heads WHERE store = $1 FOR UPDATE",
+                    "INSERT INTO activity_heads (store) VALUES ($1) \
+                     ON CONFLICT (store) DO UPDATE SET head = activity_heads.head \
+                     RETURNING head",
                     &[&store],
                 )
                 .ctx("locking the activity head")?;
@@ -1193,19 +1193,27 @@ impl Backend for Postgres {
                 outcome.accepted += 1;
             }
             if outcome.accepted > 0 {
+                // The events and the new head in one statement: one round trip fewer
+                // for every push of the fleet.
                 txn.execute(
-                    "INSERT INTO activity \
-                         (store, seq, id, received_at_ms, hub_received_at_ms, event) \
-                     SELECT $1, s, i, r, $2, e \
-                     FROM unnest($3::int8[], $4::text[], $5::int8[], $6::text[]) AS u(s, i, r, e)",
-                    &[&store, &now_ms, &seqs, &new_ids, &received, &bodies],
+                    "WITH stored AS ( \
+                         INSERT INTO activity \
+                             (store, seq, id, received_at_ms, hub_received_at_ms, event) \
+                         SELECT $1, s, i, r, $2, e \
+                         FROM unnest($3::int8[], $4::text[], $5::int8[], $6::text[]) \
+                             AS u(s, i, r, e)) \
+                     UPDATE activity_heads SET head = $7 WHERE store = $1",
+                    &[
+                        &store,
+                        &now_ms,
+                        &seqs,
+                        &new_ids,
+                        &received,
+                        &bodies,
+                        &sql_seq(next - 1),
+                    ],
                 )
                 .ctx("storing events")?;
-                txn.execute(
-                    "UPDATE activity_heads SET head = $2 WHERE store = $1",
-                    &[&store, &sql_seq(next - 1)],
-                )
-                .ctx("writing the activity head")?;
             }
             Ok(outcome)
         })
