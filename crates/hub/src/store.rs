@@ -275,6 +275,9 @@ pub fn group_key(group: &str) -> String {
 /// A box's cursor in a module shared with its group holds two sequence numbers: the group's
 /// in the high 32 bits, the store's own overrides' in the low 32. Four billion writes of
 /// either is more than a module sees in its life.
+/// How fresh a box's "last contact" is kept when its contacts say nothing else new.
+pub const CONTACT_RESOLUTION_MS: i64 = 30_000;
+
 /// How many complete pages of group changes are kept: a handful of cursors per module is the
 /// usual case (the boxes of a group are at the same place), so this is plenty.
 const GROUP_PAGES: usize = 256;
@@ -341,6 +344,9 @@ pub struct HubStore {
     group_of: HashMap<String, String>,
     /// Contacts not written yet, per store, oldest first ([`HubStore::flush_contacts`]).
     contacts: Mutex<HashMap<String, Vec<Contact>>>,
+    /// Per store, when this process last recorded a contact and the cursors it carried.
+    #[allow(clippy::type_complexity)]
+    recorded_contacts: Mutex<HashMap<String, (i64, Vec<ModuleCursor>)>>,
     /// Complete answers of [`HubStore::group_changes`], by (group key, module, cursor, limit),
     /// with the head they were read at.
     #[allow(clippy::type_complexity)]
@@ -388,6 +394,7 @@ impl HubStore {
             group_of: HashMap::new(),
             group_modules: BTreeSet::new(),
             contacts: Mutex::new(HashMap::new()),
+            recorded_contacts: Mutex::new(HashMap::new()),
             group_pages: Mutex::new(HashMap::new()),
         }
     }
@@ -808,6 +815,32 @@ impl HubStore {
             cursors: cursors.map(<[ModuleCursor]>::to_vec).unwrap_or_default(),
             ack: ack.cloned(),
         };
+        // A contact that says nothing new (no acknowledgement, the cursors last recorded, or
+        // none) within CONTACT_RESOLUTION of the last recorded one is not written: a fleet
+        // pushing sales every few seconds would otherwise rewrite every box's report every
+        // second, for a "last contact" nobody reads to the second.
+        {
+            let mut recorded = self
+                .recorded_contacts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let news = match recorded.get(store) {
+                None => true,
+                Some((at_ms, known)) => {
+                    contact.ack.is_some()
+                        || (!contact.cursors.is_empty() && contact.cursors != *known)
+                        || now_ms.saturating_sub(*at_ms) >= CONTACT_RESOLUTION_MS
+                }
+            };
+            if !news {
+                return Ok(());
+            }
+            let cursors = match (contact.cursors.is_empty(), recorded.remove(store)) {
+                (true, Some((_, known))) => known,
+                _ => contact.cursors.clone(),
+            };
+            recorded.insert(store.to_owned(), (now_ms, cursors));
+        }
         self.contacts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1062,6 +1095,49 @@ mod tests {
         let (changes, cursor, _) = hub.changes_since("s", "m", 3, 10).unwrap().unwrap();
         assert!(changes.is_empty());
         assert_eq!(cursor, 3);
+    }
+
+    #[test]
+    fn contacts_that_say_nothing_new_are_written_at_most_every_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = HubStore::open(dir.path()).unwrap();
+        let cursor = |c: u64| {
+            vec![ModuleCursor {
+                module: "catalog".into(),
+                cursor: c,
+            }]
+        };
+        let last = |hub: &HubStore| hub.box_report("s").unwrap().last_contact_ms;
+        hub.note_contact("s", 1_000, Some(&cursor(3)), None)
+            .unwrap();
+        hub.flush_contacts().unwrap();
+        assert_eq!(last(&hub), Some(1_000));
+        // A push and an idle poll with the same cursors, a second later: nothing to write.
+        hub.note_contact("s", 2_000, None, None).unwrap();
+        hub.note_contact("s", 2_500, Some(&cursor(3)), None)
+            .unwrap();
+        assert_eq!(hub.flush_contacts().unwrap(), 0);
+        assert_eq!(last(&hub), Some(1_000));
+        // New cursors are news at once, and so is an acknowledgement.
+        hub.note_contact("s", 3_000, Some(&cursor(4)), None)
+            .unwrap();
+        assert_eq!(hub.flush_contacts().unwrap(), 1);
+        assert_eq!(
+            hub.box_report("s").unwrap().cursors.get("catalog"),
+            Some(&4)
+        );
+        let ack = proto::Ack::new(cursor(4), Default::default());
+        hub.note_contact("s", 4_000, None, Some(&ack)).unwrap();
+        assert_eq!(hub.flush_contacts().unwrap(), 1);
+        assert_eq!(last(&hub), Some(4_000));
+        // Nothing new but the resolution passed: the time is written.
+        hub.note_contact("s", 4_000 + CONTACT_RESOLUTION_MS - 1, None, None)
+            .unwrap();
+        assert_eq!(hub.flush_contacts().unwrap(), 0);
+        hub.note_contact("s", 4_000 + CONTACT_RESOLUTION_MS, Some(&cursor(4)), None)
+            .unwrap();
+        assert_eq!(hub.flush_contacts().unwrap(), 1);
+        assert_eq!(last(&hub), Some(4_000 + CONTACT_RESOLUTION_MS));
     }
 
     #[test]
