@@ -272,9 +272,6 @@ pub fn group_key(group: &str) -> String {
     format!("@{group}")
 }
 
-/// A box's cursor in a module shared with its group holds two sequence numbers: the group's
-/// in the high 32 bits, the store's own overrides' in the low 32. Four billion writes of
-/// either is more than a module sees in its life.
 /// How fresh a box's "last contact" is kept when its contacts say nothing else new.
 pub const CONTACT_RESOLUTION_MS: i64 = 30_000;
 
@@ -282,6 +279,9 @@ pub const CONTACT_RESOLUTION_MS: i64 = 30_000;
 /// usual case (the boxes of a group are at the same place), so this is plenty.
 const GROUP_PAGES: usize = 256;
 
+/// A box's cursor in a module shared with its group holds two sequence numbers: the group's
+/// in the high 32 bits, the store's own overrides' in the low 32. Four billion writes of
+/// either is more than a module sees in its life.
 fn join_cursor(group: u64, own: u64) -> u64 {
     (group.min(u64::from(u32::MAX)) << 32) | own.min(u64::from(u32::MAX))
 }
