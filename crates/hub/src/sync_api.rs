@@ -102,8 +102,8 @@ impl SyncState {
     }
 
     /// The encoded `Records` snapshot of a module at head `at` (whose digest is `at_digest`),
-    /// from the cache, or read and encoded now. The cache is looked at before the database is read, so a box whose
-    /// snapshot is cached costs no scan.
+    /// from the cache, or read and encoded now. The cache is looked at before the database
+    /// is read, so a box whose snapshot is cached costs no scan.
     fn records_payload(
         &self,
         store: &str,
