@@ -58,7 +58,7 @@ pub enum LinkError {
     #[error("TLS handshake with the hub failed: {0}")]
     Tls(#[source] std::io::Error),
     // hyper's own message is only "http2 error": the causes say which (a GOAWAY, a reset).
-    #[error("HTTP/2 with the hub failed: {}", with_causes(.0))]
+    #[error("HTTP/2 with the hub failed: {}", storebox_http::with_causes(.0))]
     Http(#[from] hyper::Error),
     #[error("the hub did not answer within {0:?}")]
     Timeout(Duration),
@@ -985,21 +985,6 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// An error's message followed by those of its causes, as "a: b: c".
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// Whether a failed request can be sent again on a new connection because the hub closed the
 /// connection under it: the connection was gone before or while it was sent, or the hub's
 /// HTTP/2 GOAWAY (sent when it recycles a connection) or REFUSED_STREAM says it did not
@@ -1089,7 +1074,11 @@ mod tests {
         // processed stream 1.
         let goaway = [0u32.to_be_bytes(), 0u32.to_be_bytes()].concat();
         let e = request_answered_with(7, goaway, 0).await;
-        assert!(never_reached_the_hub(&e), "{}", with_causes(&e));
+        assert!(
+            never_reached_the_hub(&e),
+            "{}",
+            storebox_http::with_causes(&e)
+        );
         let message = LinkError::Http(e).to_string();
         assert!(
             message.contains("connection error received"),
@@ -1097,10 +1086,18 @@ mod tests {
         );
         // RST_STREAM with REFUSED_STREAM (7).
         let e = request_answered_with(3, 7u32.to_be_bytes().to_vec(), 1).await;
-        assert!(never_reached_the_hub(&e), "{}", with_causes(&e));
+        assert!(
+            never_reached_the_hub(&e),
+            "{}",
+            storebox_http::with_causes(&e)
+        );
         // RST_STREAM with INTERNAL_ERROR (2): the hub may have acted on it; not sent again.
         let e = request_answered_with(3, 2u32.to_be_bytes().to_vec(), 1).await;
-        assert!(!never_reached_the_hub(&e), "{}", with_causes(&e));
+        assert!(
+            !never_reached_the_hub(&e),
+            "{}",
+            storebox_http::with_causes(&e)
+        );
     }
 
     #[tokio::test(start_paused = true)]

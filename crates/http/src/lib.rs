@@ -516,6 +516,24 @@ async fn run_http<IO, S, F, B>(
     }
 }
 
+/// An error's message followed by those of its causes, as "a: b: c". Library errors often
+/// stop at a summary (hyper's "http2 error", the `postgres` crate's "error performing TLS
+/// handshake") and keep what went wrong in their sources; a cause already quoted by the text
+/// before it is not repeated.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Parses a JSON request body into `T`, refusing nesting deeper than [`MAX_JSON_DEPTH`]
 /// before serde sees it; a 400 JSON error names what is wrong.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response<Body>> {

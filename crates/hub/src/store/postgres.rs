@@ -155,24 +155,13 @@ impl Connection {
             Some(path) => config.connect(self.tls(path)?),
             None => config.connect(NoTls),
         };
-        connected.map_err(|e| anyhow::anyhow!("connecting to PostgreSQL: {}", with_causes(&e)))
+        connected.map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to PostgreSQL: {}",
+                storebox_http::with_causes(&e)
+            )
+        })
     }
-}
-
-/// An error with its causes, "a: b: c": the `postgres` crate's own text stops at "error
-/// performing TLS handshake", without the certificate problem under it.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let next = cause.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The schema version of a database: the number of migrations applied.
